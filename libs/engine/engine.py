@@ -1,0 +1,215 @@
+"""The engine core: owns the model, the KV cache, the block pool and the scheduler; one `step()` at a time.
+
+Not thread-safe by design: the async wrapper (async_engine.py) gives it a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import torch
+from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_tokenizer
+from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
+from kvmesh.libs.engine.block_pool import BlockPool
+from kvmesh.libs.engine.config import EngineConfig, parse_dtype
+from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
+from kvmesh.libs.engine.llama import LlamaModel
+from kvmesh.libs.engine.model_runner import ModelRunner
+from kvmesh.libs.engine.model_store import resolve_model
+from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob
+from kvmesh.libs.engine.request import FinishReason, Request
+from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.libs.engine.scheduler import Scheduler
+from kvmesh.schemas.kv_events import KVEvent
+
+log = logging.getLogger(__name__)
+
+
+class EngineStats(NamedTuple):
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, load_tokenizer: bool = True) -> None:
+        self.config = config = config or EngineConfig()
+        self.model_path = resolve_model(config.model)
+        dtype = parse_dtype(config.dtype)
+        self.model = LlamaModel.load(self.model_path, dtype)
+        mcfg = self.model.cfg
+        self.max_model_len = min(config.max_model_len or mcfg.max_model_len, mcfg.max_model_len)
+        self.tokenizer = None
+        if load_tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self._backend_tokenizer = backend_tokenizer(self.tokenizer)
+        bs = config.block_size
+        # one block of all layers: 2 (K, V) x layers x block_size x kv_heads x head_dim elements
+        block_bytes = 2 * mcfg.num_layers * bs * mcfg.num_kv_heads * mcfg.head_dim * dtype.itemsize
+        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30 // block_bytes))
+        # Block-major: kv_cache[b] is one contiguous range holding block b of every layer.
+        self.kv_cache = torch.zeros(
+            num_blocks, mcfg.num_layers, 2, bs, mcfg.num_kv_heads, mcfg.head_dim, dtype=dtype
+        )
+        self.pool = BlockPool(num_blocks, bs, enable_caching=config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, bs)
+        self.hash_seed = hash_seed(config.hash_seed)
+        self.extra_keys = encode_extra_keys(self.model_path.name)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+
+    # -- requests --------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "text prompts need the engine's tokenizer")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return prompt
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+        """Validate and queue a request. Raises InvalidRequestError naming the bad field."""
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate()
+        if not isinstance(prompt, str | list):
+            raise InvalidRequestError(
+                "prompt", f"must be text or a list of token ids, got {type(prompt).__name__}"
+            )
+        token_ids = self.tokenize_prompt(prompt)
+        vocab = self.model.cfg.vocab_size
+        if not token_ids:
+            raise InvalidRequestError("prompt", "is empty")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"has {len(token_ids)} tokens; the model's context is {self.max_model_len} "
+                "(prompt plus at least one output token)",
+            )
+        if not self.kv.can_fit(len(token_ids) + 1):
+            raise InvalidRequestError("prompt", f"{len(token_ids)} tokens do not fit in the KV cache")
+        if params.stop_strings and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need the engine's tokenizer")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.model.cfg.eos_token_ids)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            extra_keys=self.extra_keys,
+            hash_seed=self.hash_seed,
+            stop_token_ids=tuple(sorted(stop_ids)),
+        )
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self._backend_tokenizer, params.skip_special_tokens)
+            req.stop_matcher = StopStringMatcher(params.stop_strings, params.include_stop_str_in_output)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; its final output comes from the next step()."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        self._pending.append(self._output(req, [], "", None))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_work()
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched:
+            return outputs
+        result = self.runner.execute(sched)
+        for s in sched.decodes + sched.prefills:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(req)
+        now = time.monotonic()
+        for req, token, lp in zip(
+            result.requests, result.sample.token_ids, result.sample.logprobs, strict=True
+        ):
+            outputs.append(self._append_token(req, token, lp, now))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, lp, now: float) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.token_ids.append(token)
+        params = req.params
+        reason: FinishReason | None = None
+        if token in req.stop_token_ids and req.num_output_tokens >= params.min_tokens:
+            reason = FinishReason.STOP
+        elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        text = ""
+        if req.detokenizer is not None and req.stop_matcher is not None:
+            match = req.stop_matcher.feed(req.detokenizer.step(token))
+            text = match.emit
+            if match.stopped and req.num_output_tokens >= params.min_tokens:
+                reason = FinishReason.STOP
+            elif reason is not None:
+                text += req.stop_matcher.flush()
+        logprobs = [TokenLogprob(token, lp[0], lp[1])] if lp is not None else None
+        if reason is not None:
+            self.requests.pop(req.request_id, None)
+            self.scheduler.finish(req, reason)
+        return self._output(req, [token], text, logprobs)
+
+    def _output(self, req: Request, tokens: list[int], text: str, logprobs) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            new_logprobs=logprobs,
+        )
+
+    # -- introspection ----------------------------------------------------------------------------
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.pool.take_events()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free_blocks,
+            num_cached_blocks=len(self.pool.cached),
+            kv_usage=self.pool.usage(),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
+            prefix_query_tokens=self.scheduler.prefix_query_tokens,
+        )
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        held = sum(len(r.blocks) for r in self.scheduler.running)
+        in_use = sum(b.ref_cnt for b in self.pool.blocks)
+        assert held == in_use, f"running requests hold {held} block refs, pool counts {in_use}"
+        assert all(not r.blocks for r in self.scheduler.waiting), "a waiting request holds blocks"

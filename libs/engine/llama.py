@@ -1,0 +1,152 @@
+"""Our forward pass for the Llama family (Llama, Qwen2, Qwen3) over the paged KV cache.
+
+Plain tensors and functional ops, no nn.Module tree: a decode step at batch 1 is dominated by
+per-op overhead (30 layers x every op), so the layer is written to issue as few ops as possible:
+fused qkv and gate/up projections, RoPE applied to q and k together with one roll, residual adds
+fused into addmm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from kvmesh.libs.engine.attention import AttentionMetadata, paged_attention_torch, write_kv
+from kvmesh.libs.engine.config import ModelConfig
+from safetensors.torch import load_file
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_proj_t: torch.Tensor  # [heads * head_dim, hidden] (transposed for addmm)
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down_t: torch.Tensor  # [intermediate, hidden] (transposed for addmm)
+
+
+def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind is not None:
+        raise ValueError(f"rope scaling {kind!r} is not supported")
+    return inv_freq.float()
+
+
+class LlamaModel:
+    """Weights plus a `forward` over a flat batch of new tokens and a `compute_logits` head."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return w(name) if name in weights else None
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w("lm_head.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            bias = None
+            if cfg.qkv_bias:
+                bias = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
+            self.layers.append(
+                LayerWeights(
+                    input_norm=w(p + "input_layernorm.weight"),
+                    qkv=torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
+                    qkv_bias=bias,
+                    q_norm=maybe(a + "q_norm.weight"),
+                    k_norm=maybe(a + "k_norm.weight"),
+                    o_proj_t=w(a + "o_proj.weight").t().contiguous(),
+                    post_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    down_t=w(p + "mlp.down_proj.weight").t().contiguous(),
+                )
+            )
+        # RoPE tables, HF's half-split layout. rotate_half(x) * sin == roll(x, d/2) * [-sin, sin].
+        positions = torch.arange(cfg.max_model_len, dtype=torch.float32)
+        freqs = torch.outer(positions, _rope_inv_freq(cfg))
+        self.cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype)
+        self.sin_signed = torch.cat([-freqs.sin(), freqs.sin()], -1).to(dtype)
+        self.scale = cfg.head_dim**-0.5
+
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype) -> LlamaModel:
+        cfg = ModelConfig.from_folder(folder)
+        weights: dict[str, torch.Tensor] = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            weights.update(load_file(f))
+        if not weights:
+            raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        return cls(cfg, weights, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of the new tokens; writes their K/V into `kv_cache`
+        ([num_blocks, num_layers, 2, block_size, kv_heads, head_dim])."""
+        cfg = self.cfg
+        n = input_ids.shape[0]
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin_signed[positions].unsqueeze(1)
+        h = self.embed[input_ids]
+        for i, lw in enumerate(self.layers):
+            x = F.rms_norm(h, (cfg.hidden_size,), lw.input_norm, eps)
+            qkv = F.linear(x, lw.qkv, lw.qkv_bias)
+            qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)
+            v = qkv[:, (nh + nkv) * d :].view(n, nkv, d)
+            if lw.q_norm is not None:
+                qk = torch.cat(
+                    [
+                        F.rms_norm(qk[:, :nh], (d,), lw.q_norm, eps),
+                        F.rms_norm(qk[:, nh:], (d,), lw.k_norm, eps),
+                    ],
+                    1,
+                )
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            k_cache, v_cache = kv_cache[:, i, 0], kv_cache[:, i, 1]
+            write_kv(k_cache, v_cache, k, v, meta)
+            attn = paged_attention_torch(q, k, v, k_cache, v_cache, meta, self.scale)
+            h = torch.addmm(h, attn.view(n, nh * d), lw.o_proj_t)
+            x = F.rms_norm(h, (cfg.hidden_size,), lw.post_norm, eps)
+            gate, up = F.linear(x, lw.gate_up).chunk(2, -1)
+            h = torch.addmm(h, F.silu(gate) * up, lw.down_t)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [rows, vocab] for the given hidden rows."""
+        x = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,90 @@
+"""Turns a scheduled step into tensors, runs the model over the flat token batch, samples.
+
+Rows are laid out decodes first (one token each, batched through one attention call), then prefill
+chunks. Only rows that end a request's known tokens produce logits: the vocabulary projection is
+skipped for every other prompt token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from kvmesh.libs.engine.attention import AttentionMetadata, PrefillChunk
+from kvmesh.libs.engine.llama import LlamaModel
+from kvmesh.libs.engine.request import Request
+from kvmesh.libs.engine.sampler import Sampler, SampleResult
+from kvmesh.libs.engine.scheduler import SchedulerOutput
+
+
+class StepResult(NamedTuple):
+    requests: list[Request]  # the requests that got a new token, in row order
+    sample: SampleResult
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.sampler = Sampler(model.cfg.vocab_size)
+
+    def build(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_block: list[int] = []
+        logit_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        for s in out.decodes:
+            req = s.request
+            p = req.num_computed_tokens
+            ids.append(req.token_ids[p])
+            positions.append(p)
+            table = [b.block_id for b in req.blocks]
+            slot_block.append(table[p // bs])
+            decode_tables.append(table)
+            decode_lens.append(p + 1)
+            logit_rows.append(len(ids) - 1)
+        prefills: list[PrefillChunk] = []
+        for s in out.prefills:
+            req = s.request
+            c, n = req.num_computed_tokens, s.num_new_tokens
+            table = [b.block_id for b in req.blocks]
+            prefills.append(PrefillChunk(len(ids), n, c, torch.tensor(table[: -(-(c + n) // bs)])))
+            ids.extend(req.token_ids[c : c + n])
+            positions.extend(range(c, c + n))
+            slot_block.extend(table[p // bs] for p in range(c, c + n))
+            if s.samples:
+                logit_rows.append(len(ids) - 1)
+
+        pos = torch.tensor(positions)
+        decode_block_tables = decode_mask = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            lens = torch.tensor(decode_lens)
+            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(
+                len(lens), 1, 1, -1
+            )
+        meta = AttentionMetadata(
+            slot_block=torch.tensor(slot_block),
+            slot_offset=pos % bs,
+            num_decode=len(out.decodes),
+            decode_block_tables=decode_block_tables,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        return torch.tensor(ids), pos, meta, logit_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        input_ids, positions, meta, logit_rows = self.build(out)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        reqs = [s.request for s in out.decodes] + [s.request for s in out.prefills if s.samples]
+        if not reqs:
+            return StepResult([], SampleResult([], []))
+        logits = self.model.compute_logits(hidden[logit_rows])
+        sample = self.sampler(logits, reqs)
+        return StepResult(reqs, sample)

@@ -1,0 +1,87 @@
+"""A request's engine-side state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from kvmesh.libs.engine.block_hash import BlockHash, hash_block, root_hash
+from kvmesh.libs.engine.block_pool import KVBlock
+from kvmesh.libs.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    extra_keys: bytes  # block-hash namespace (model, lora, cache salt)
+    hash_seed: int
+    stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + params.stop_token_ids
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
+    blocks: list[KVBlock] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_matcher: StopStringMatcher | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def update_block_hashes(self, block_size: int) -> list[BlockHash]:
+        """Extend the chained hashes to every full block of token_ids; returns them all."""
+        hashes = self.block_hashes
+        full = len(self.token_ids) // block_size
+        prev = hashes[-1] if hashes else root_hash(self.hash_seed)
+        for i in range(len(hashes), full):
+            prev = hash_block(
+                prev, self.token_ids[i * block_size : (i + 1) * block_size], self.extra_keys, self.hash_seed
+            )
+            hashes.append(prev)
+        return hashes

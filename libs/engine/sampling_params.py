@@ -1,0 +1,94 @@
+"""Sampling parameters, validated up front with errors that name the offending field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; `field` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs per output token (0: only the sampled token's)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise InvalidRequestError(name, msg)
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: object) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool)
+
+        check(is_int(self.n) and self.n == 1, "n", f"only n=1 is supported, got {self.n!r}")
+        check(
+            is_int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
+            f"must be >= 1, got {self.max_tokens!r}",
+        )
+        check(
+            is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be in [0, max_tokens], got {self.min_tokens!r}",
+        )
+        check(
+            is_num(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be >= 0, got {self.temperature!r}",
+        )
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        check(
+            is_int(self.top_k) and self.top_k >= -1,
+            "top_k",
+            f"must be -1, 0 (disabled) or >= 1, got {self.top_k!r}",
+        )
+        check(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        stop_ok = (
+            self.stop is None
+            or isinstance(self.stop, str)
+            or (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop))
+        )
+        check(stop_ok, "stop", f"must be a string or a list of strings, got {type(self.stop).__name__}")
+        check(
+            isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be a list of non-negative integers",
+        )
+        check(
+            self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+            "logprobs",
+            f"must be an integer in [0, 20], got {self.logprobs!r}",
+        )

@@ -1,0 +1,43 @@
+"""KV-cache events: what a worker's block pool stored or dropped.
+
+Shaped like vLLM's KV events (array-like msgpack, tagged union of BlockStored / BlockRemoved /
+AllBlocksCleared inside an EventBatch) so that the kv-index can ingest stock vLLM publishers too.
+The block pool records these; the worker drains and publishes them.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of the tagged union; the tag is the class name, as in vLLM."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[int]  # engine block hashes of the newly cached full blocks, in prefix order
+    parent_block_hash: int | None  # hash of the block before the first one; None at prompt start
+    token_ids: list[int]  # all tokens of those blocks, concatenated
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = "cpu"  # storage tier the blocks live in
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[int]  # evicted blocks
+    medium: str | None = "cpu"
+
+
+class AllBlocksCleared(KVCacheEvent):
+    """The worker dropped its whole prefix cache (reset, restart)."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float  # wall-clock seconds when the batch was drained
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
