@@ -115,7 +115,7 @@ def _paged_attention_kernel(
         kv_pos = kv_start + offs_n
         kv_valid = kv_pos < kv_end
         block_ids = tl.load(block_table + (kv_pos // BLOCK_SIZE) * stride_bt_block, mask=kv_valid, other=0)
-        # int64: block_id * stride_block overflows int32 on caches past 2 GiB elements.
+        # int64: block_id * stride_block overflows int32 once the cache passes 2**31 elements.
         block_ids = block_ids.to(tl.int64)
         slots = kv_pos % BLOCK_SIZE
 
@@ -136,7 +136,7 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
 
         v_offsets = (
-            block_ids[:, None] * stride_k_block
+            block_ids[:, None] * stride_v_block
             + slots[:, None] * stride_v_slot
             + kv_head * stride_v_head
             + offs_d[None, :] * stride_v_dim
@@ -147,7 +147,9 @@ def _paged_attention_kernel(
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # padding rows have l_i == 0
     o_offsets = tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :] * stride_o_dim
-    tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    tl.store(
+        out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :]
+    )
 
 
 def paged_attention(
@@ -226,14 +228,16 @@ def _check_inputs(
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.dim() != 4:
             raise ValueError(
-                f"{name} must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(cache.shape)}"
+                f"{name} must be [num_blocks, block_size, num_kv_heads, head_dim], got {tuple(cache.shape)}"
             )
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"q dtype {q.dtype} is not one of {_SUPPORTED_DTYPES}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"k_cache/v_cache dtypes {k_cache.dtype}/{v_cache.dtype} must match q dtype {q.dtype}")
+        raise ValueError(
+            f"k_cache/v_cache dtypes {k_cache.dtype}/{v_cache.dtype} must match q dtype {q.dtype}"
+        )
 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, cache_head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -250,7 +254,9 @@ def _check_inputs(
         if table.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {table.dtype}")
     if block_tables.dim() != 2:
-        raise ValueError(f"block_tables must be [num_seqs, max_blocks_per_seq], got {tuple(block_tables.shape)}")
+        raise ValueError(
+            f"block_tables must be [num_seqs, max_blocks_per_seq], got {tuple(block_tables.shape)}"
+        )
     if seq_lens.dim() != 1:
         raise ValueError(f"seq_lens must be [num_seqs], got shape {tuple(seq_lens.shape)}")
     num_seqs = seq_lens.shape[0]
@@ -261,13 +267,17 @@ def _check_inputs(
     if block_tables.shape[0] != num_seqs:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
 
-    if out is not None:
-        if out.shape != q.shape or out.dtype != q.dtype:
-            raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}")
-    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables}
-    tensors |= {"query_start_loc": query_start_loc, "seq_lens": seq_lens}
-    if out is not None:
-        tensors["out"] = out
-    devices = {name: t.device for name, t in tensors.items()}
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}")
+    tensors = {
+        "q": q,
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "block_tables": block_tables,
+        "query_start_loc": query_start_loc,
+        "seq_lens": seq_lens,
+        "out": out,
+    }
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) != 1:
         raise ValueError(f"all inputs must be on one device, got {devices}")

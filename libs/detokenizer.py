@@ -3,7 +3,7 @@
 Streaming text must never emit half of a multi-byte character (one emoji can span several byte-level
 tokens) nor any part of a stop string. `IncrementalDetokenizer` decodes token by token through the
 tokenizers library's DecodeStream, which buffers incomplete UTF-8; `StopStringMatcher` finds stop
-strings that span token boundaries and holds back the few trailing characters that could still
+strings that span token boundaries and holds back only the trailing characters that could still
 become one.
 """
 
@@ -84,10 +84,18 @@ class StopStringMatcher:
             emit = self._text[self._emitted :]
             self._emitted = len(self._text)
             return StopMatch(emit, True)
-        safe = len(self._text) - self._holdback
-        emit = self._text[self._emitted : max(safe, self._emitted)]
-        self._emitted = max(safe, self._emitted)
+        safe = max(len(self._text) - self._partial_stop_len(), self._emitted)
+        emit = self._text[self._emitted : safe]
+        self._emitted = safe
         return StopMatch(emit, False)
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        tail = self._text[-self._holdback :] if self._holdback else ""
+        for k in range(len(tail), 0, -1):
+            if any(s.startswith(tail[-k:]) for s in self._stops):
+                return k
+        return 0
 
     def flush(self) -> str:
         """Text held back for a possible stop string, released when the request ends otherwise."""

@@ -46,9 +46,10 @@ def write_kv(
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    # [..., blocks] -> [..., blocks * block_size, kv_heads, head_dim]
-    g = cache[block_table]
-    return g.flatten(-4, -3)
+    """[..., blocks] table -> [..., blocks * block_size, kv_heads, head_dim] contiguous copy.
+    index_select copies whole blocks; advanced indexing on the strided view was 2.5x slower."""
+    g = cache.index_select(0, block_table.reshape(-1))
+    return g.view(*block_table.shape[:-1], -1, *cache.shape[2:])
 
 
 def paged_attention_torch(

@@ -10,6 +10,7 @@ import time
 from typing import NamedTuple
 
 import torch
+
 from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_tokenizer
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
 from kvmesh.libs.engine.block_pool import BlockPool

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from kvmesh.libs.engine.attention import AttentionMetadata, PrefillChunk
 from kvmesh.libs.engine.llama import LlamaModel
 from kvmesh.libs.engine.request import Request

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
 from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kvmesh.libs.engine.block_hash import BlockHash, hash_block, root_hash
 from kvmesh.libs.engine.block_pool import KVBlock

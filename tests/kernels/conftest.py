@@ -4,8 +4,8 @@ import os
 # (or triton) import. `TRITON_INTERPRET=0 pytest tests/kernels` runs the same tests compiled on a GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 

@@ -168,7 +168,7 @@ def test_strided_q_and_out(device):
     assert torch.all(out_buffer[:, :, :head_dim] == 0)
 
 
-def test_k_and_v_with_different_strides(device):
+def test_independent_strides(device):
     """Views of one cache share strides; the kernel must still read each tensor's own."""
     batch = make_batch(
         [4, 1],
@@ -180,8 +180,12 @@ def test_k_and_v_with_different_strides(device):
         dtype=torch.float32,
         device=device,
     )
-    batch = batch._replace(v_cache=batch.v_cache.contiguous())
-    assert batch.k_cache.stride() != batch.v_cache.stride()
+    # v_cache stored head-major ([blocks, kv_heads, slots, dim]), block table stored column-major.
+    v_cache = batch.v_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    block_tables = batch.block_tables.t().contiguous().t()
+    batch = batch._replace(v_cache=v_cache, block_tables=block_tables)
+    assert all(k != v for k, v in zip(batch.k_cache.stride()[:3], v_cache.stride()[:3], strict=True))
+    assert block_tables.stride(1) != 1
     assert_matches_reference(batch, paged_attention(*batch))
 
 
@@ -244,7 +248,10 @@ def _good_inputs() -> dict:
 
 
 BAD_INPUTS = {
-    "int64_block_tables": (lambda a: {"block_tables": a["block_tables"].long()}, "block_tables must be int32"),
+    "int64_block_tables": (
+        lambda a: {"block_tables": a["block_tables"].long()},
+        "block_tables must be int32",
+    ),
     "int64_seq_lens": (lambda a: {"seq_lens": a["seq_lens"].long()}, "seq_lens must be int32"),
     "heads_not_multiple": (lambda a: {"q": torch.randn(3, 8, 64)}, "not a multiple of num_kv_heads"),
     "query_start_loc_length": (

@@ -1,0 +1,176 @@
+"""The engine behind an asyncio API: add a request, stream its outputs, abort it.
+
+The engine runs in a thread of its own (torch releases the GIL inside its ops, so the event loop
+stays responsive for network I/O). The thread owns the engine exclusively: callers talk to it only
+through a command queue, and it hands outputs back to the loop once per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kvmesh.libs.engine.engine import EngineStats, LLMEngine
+from kvmesh.libs.engine.outputs import RequestOutput
+from kvmesh.libs.engine.sampling_params import SamplingParams
+from kvmesh.schemas.kv_events import KVEvent
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (crashed or shut down); no request can complete."""
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: asyncio.Queue
+    accepted: asyncio.Future
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}  # touched only by the engine thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._events: deque[KVEvent] = deque()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.stats: EngineStats = engine.stats()
+
+    # -- public API --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="kvmesh-engine", daemon=True)
+            self._thread.start()
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last one has finished=True. Raises InvalidRequestError
+        (a ValueError) before the first output if the engine refuses the request. Closing the
+        iterator early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> asyncio.Queue:
+        """Queue a request; returns the queue its RequestOutputs arrive on."""
+        self.start()
+        if self.error is not None or self._stopping:
+            raise EngineDeadError("the engine is not running") from self.error
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        accepted = loop.create_future()
+        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+        await accepted
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (no-op if it already finished); its blocks are freed on the next step."""
+        self._commands.put(_Abort(request_id))
+
+    def take_kv_events(self) -> list[KVEvent]:
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self._stopping:
+                    break
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                self._events.extend(self.engine.take_kv_events())
+                self.stats = self.engine.stats()
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as exc:  # the engine is broken: fail every open stream, loudly
+            log.exception("engine thread crashed")
+            self.error = exc
+            dead = EngineDeadError(f"engine crashed: {exc!r}")
+            for stream in list(self._streams.values()):
+                self._loop.call_soon_threadsafe(stream.put_nowait, dead)
+            self._streams.clear()
+
+    def _drain_commands(self, block: bool) -> None:
+        while True:
+            try:
+                cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if cmd is None:
+                return
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+                except Exception as exc:
+                    self._loop.call_soon_threadsafe(_settle, cmd.accepted, exc)
+                    continue
+                self._streams[cmd.request_id] = cmd.stream
+                self._loop.call_soon_threadsafe(_settle, cmd.accepted, None)
+            elif isinstance(cmd, _Abort):
+                self.engine.abort_request(cmd.request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        batch = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            batch.append((stream, out))
+        if batch:
+            self._loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, out in batch:
+        stream.put_nowait(out)

@@ -1,0 +1,69 @@
+"""Shared fixtures: the default model (converted once into the cache) and a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvmesh.libs.threads import configure_threads
+
+configure_threads(2)  # before torch is imported anywhere: passive OpenMP waits, explicit threads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from kvmesh.libs.engine.model_store import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (the first run converts the packaged GGUF)."""
+    return resolve_model()
+
+
+TINY_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with random weights: same code paths as the real model, milliseconds per step."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    g = torch.Generator().manual_seed(0)
+    c = TINY_CONFIG
+    h, inter, d = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * d
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.2
+
+    weights = {"model.embed_tokens.weight": rnd(c["vocab_size"], h), "model.norm.weight": torch.ones(h)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "self_attn.q_proj.weight": rnd(h, h),
+            p + "self_attn.k_proj.weight": rnd(kv, h),
+            p + "self_attn.v_proj.weight": rnd(kv, h),
+            p + "self_attn.o_proj.weight": rnd(h, h),
+            p + "mlp.gate_proj.weight": rnd(inter, h),
+            p + "mlp.up_proj.weight": rnd(inter, h),
+            p + "mlp.down_proj.weight": rnd(h, inter),
+        }
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
