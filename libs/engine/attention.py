@@ -33,23 +33,29 @@ class AttentionMetadata:
     slot_offset: torch.Tensor  # int64 [num_tokens]: offset inside that block
     num_decode: int  # the first num_decode rows of the batch are decode tokens
     decode_block_tables: torch.Tensor | None  # int64 [num_decode, max_blocks]
-    decode_mask: torch.Tensor | None  # bool [num_decode, 1, 1, max_blocks * block_size]
+    decode_bias: torch.Tensor | None  # float32 [1, num_decode, 1, max_blocks * block_size]: 0 or -inf
     prefills: list[PrefillChunk]
 
 
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
 ) -> None:
-    """Store the new tokens' K/V ([num_tokens, kv_heads, head_dim]) in their cache slots."""
-    k_cache[meta.slot_block, meta.slot_offset] = k
-    v_cache[meta.slot_block, meta.slot_offset] = v
+    """Store the new tokens' K/V ([num_tokens, kv_heads, head_dim]) in their cache slots.
+    Caches are one layer's views, [num_blocks, kv_heads, block_size, head_dim]."""
+    k_cache[meta.slot_block, :, meta.slot_offset] = k
+    v_cache[meta.slot_block, :, meta.slot_offset] = v
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[..., blocks] table -> [..., blocks * block_size, kv_heads, head_dim] contiguous copy.
-    index_select copies whole blocks; advanced indexing on the strided view was 2.5x slower."""
-    g = cache.index_select(0, block_table.reshape(-1))
-    return g.view(*block_table.shape[:-1], -1, *cache.shape[2:])
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Contiguous copy of the blocks a table names, head-major:
+    [num_blocks, kv_heads, block_size, d] cache, [..., n] table -> [kv_heads, ..., n * block_size, d].
+    index_select copies whole blocks (fast); moving the head dim to the front is a second copy,
+    still cheaper than attention over strided K/V. (index_select along a non-leading dim of the
+    strided view would first copy the whole cache.)"""
+    num_kv_heads, block_size, d = cache.shape[1:]
+    g = cache.index_select(0, block_table.reshape(-1)).view(*block_table.shape, num_kv_heads, block_size, d)
+    g = g.movedim(-3, 0)  # [kvh, ..., n, block_size, d]
+    return g.reshape(num_kv_heads, *block_table.shape[:-1], -1, d)
 
 
 def paged_attention_torch(
@@ -62,20 +68,23 @@ def paged_attention_torch(
     scale: float,
 ) -> torch.Tensor:
     """Attention for a mixed batch. q: [T, heads, d]; k, v: the same step's new [T, kv_heads, d]
-    (already written to the cache). k_cache/v_cache: [num_blocks, block_size, kv_heads, d] views.
-    Returns [T, heads, d]."""
-    _num_tokens, num_heads, head_dim = q.shape
+    (already written to the cache); k_cache/v_cache: one layer's [num_blocks, kv_heads, block_size, d]
+    views. Returns [T, heads, d]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        # GQA without copies: the `group` query heads sharing a kv head become `group` query rows.
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        kd = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)
-        vd = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
-        out[:nd] = od.view(nd, num_heads, head_dim)
+        # Batched over (kv head, sequence) with plain matmuls: for one query token per sequence this
+        # measured 2x faster than SDPA's CPU flash kernel. The `group` query heads that share a kv
+        # head are `group` rows of one matmul (GQA without repeating K/V).
+        qd = q[:nd].view(nd, num_kv_heads, group, head_dim).transpose(0, 1)  # [kvh, nd, g, d]
+        kd = gather_blocks(k_cache, meta.decode_block_tables)  # [kvh, nd, ctx, d]
+        vd = gather_blocks(v_cache, meta.decode_block_tables)
+        scores = torch.add(meta.decode_bias, torch.matmul(qd, kd.transpose(-1, -2)), alpha=scale)
+        probs = torch.softmax(scores, -1).to(q.dtype)  # float32 softmax
+        out[:nd] = torch.matmul(probs, vd).transpose(0, 1).reshape(nd, num_heads, head_dim)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
@@ -85,8 +94,8 @@ def paged_attention_torch(
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
             total = chunk.context_len + chunk.length
-            kp = _gather(k_cache, chunk.block_table)[:total].transpose(0, 1).unsqueeze(0)
-            vp = _gather(v_cache, chunk.block_table)[:total].transpose(0, 1).unsqueeze(0)
+            kp = gather_blocks(k_cache, chunk.block_table)[:, :total].unsqueeze(0)
+            vp = gather_blocks(v_cache, chunk.block_table)[:, :total].unsqueeze(0)
             q_pos = torch.arange(chunk.context_len, total).unsqueeze(1)
             mask = torch.arange(total).unsqueeze(0) <= q_pos  # [n, total]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -58,9 +58,10 @@ class LLMEngine:
         # one block of all layers: 2 (K, V) x layers x block_size x kv_heads x head_dim elements
         block_bytes = 2 * mcfg.num_layers * bs * mcfg.num_kv_heads * mcfg.head_dim * dtype.itemsize
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30 // block_bytes))
-        # Block-major: kv_cache[b] is one contiguous range holding block b of every layer.
+        # Block-major: kv_cache[b] is one contiguous range holding block b of every layer (one NIXL
+        # descriptor per block). Inside a block each head's [block_size, head_dim] run is contiguous.
         self.kv_cache = torch.zeros(
-            num_blocks, mcfg.num_layers, 2, bs, mcfg.num_kv_heads, mcfg.head_dim, dtype=dtype
+            num_blocks, mcfg.num_layers, 2, mcfg.num_kv_heads, bs, mcfg.head_dim, dtype=dtype
         )
         self.pool = BlockPool(num_blocks, bs, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)

@@ -142,7 +142,7 @@ class LlamaModel:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the new tokens; writes their K/V into `kv_cache`
-        ([num_blocks, num_layers, 2, block_size, kv_heads, head_dim])."""
+        ([num_blocks, num_layers, 2, kv_heads, block_size, head_dim])."""
         cfg = self.cfg
         n = input_ids.shape[0]
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -61,20 +61,20 @@ class ModelRunner:
                 logit_rows.append(len(ids) - 1)
 
         pos = torch.tensor(positions)
-        decode_block_tables = decode_mask = None
+        decode_block_tables = decode_bias = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            lens = torch.tensor(decode_lens)
-            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(
-                len(lens), 1, 1, -1
+            pad = torch.arange(width * bs).unsqueeze(0) >= torch.tensor(decode_lens).unsqueeze(1)
+            decode_bias = (
+                torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).view(1, len(decode_lens), 1, -1)
             )
         meta = AttentionMetadata(
             slot_block=torch.tensor(slot_block),
             slot_offset=pos % bs,
             num_decode=len(out.decodes),
             decode_block_tables=decode_block_tables,
-            decode_mask=decode_mask,
+            decode_bias=decode_bias,
             prefills=prefills,
         )
         return torch.tensor(ids), pos, meta, logit_rows

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvmesh.kernels.paged_attention_ref import paged_attention_ref
-from kvmesh.libs.engine.attention import AttentionMetadata, PrefillChunk, paged_attention_torch
+from kvmesh.libs.engine.attention import AttentionMetadata, PrefillChunk, paged_attention_torch, write_kv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -12,8 +12,8 @@ from kvmesh.libs.engine.attention import AttentionMetadata, PrefillChunk, paged_
 def test_mixed_batch_matches_reference(dtype, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(0)
     bs, num_blocks, layers = 16, 40, 2
-    kv = torch.randn(num_blocks, layers, 2, bs, kv_heads, head_dim, generator=g).to(dtype)
-    k_cache, v_cache = kv[:, 1, 0], kv[:, 1, 1]
+    kv = torch.randn(num_blocks, layers, 2, kv_heads, bs, head_dim, generator=g).to(dtype)
+    k_cache, v_cache = kv[:, 1, 0], kv[:, 1, 1]  # the engine's views: [blocks, kv_heads, block_size, d]
     perm = torch.randperm(num_blocks, generator=g)
     # (context already cached, new tokens): two decodes, a fresh prefill, a prefill over a prefix
     seqs = [(37, 1), (5, 1), (0, 21), (40, 19)]
@@ -37,16 +37,16 @@ def test_mixed_batch_matches_reference(dtype, heads, kv_heads, head_dim):
     width = max(len(t) for t in tables[:2])
     dtables = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables[:2]])
     lens = torch.tensor([c + n for c, n in seqs[:2]])
+    pad = torch.arange(width * bs)[None] >= lens[:, None]
     meta = AttentionMetadata(
         slot_block=torch.tensor(slot_block),
         slot_offset=torch.tensor(slot_off),
         num_decode=2,
         decode_block_tables=dtables,
-        decode_mask=(torch.arange(width * bs)[None] < lens[:, None]).view(2, 1, 1, -1),
+        decode_bias=torch.zeros(pad.shape).masked_fill(pad, float("-inf")).view(1, 2, 1, -1),
         prefills=prefills,
     )
-    k_cache[meta.slot_block, meta.slot_offset] = k_new
-    v_cache[meta.slot_block, meta.slot_offset] = v_new
+    write_kv(k_cache, v_cache, k_new, v_new, meta)
     scale = head_dim**-0.5
     ours = paged_attention_torch(q, k_new, v_new, k_cache, v_cache, meta, scale)
 
@@ -54,6 +54,9 @@ def test_mixed_batch_matches_reference(dtype, heads, kv_heads, head_dim):
     block_tables = torch.stack([torch.nn.functional.pad(t, (0, full_width - len(t))) for t in tables]).int()
     qsl = torch.tensor([0, *torch.tensor([n for _, n in seqs]).cumsum(0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor([c + n for c, n in seqs], dtype=torch.int32)
-    ref = paged_attention_ref(q, k_cache, v_cache, block_tables, qsl, seq_lens, scale)
+    # the reference takes [blocks, block_size, kv_heads, d]: the same memory, viewed with other strides
+    ref = paged_attention_ref(
+        q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), block_tables, qsl, seq_lens, scale
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
