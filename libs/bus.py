@@ -1,0 +1,205 @@
+"""The message bus: typed msgspec messages over NATS (nats-py).
+
+- request/reply with typed replies; queue groups so replicas of a service share the work;
+- strict decoding: a malformed message is logged and dropped (requests get an ErrorReply), a handler
+  that raises answers ErrorReply(code="internal"): nothing on the wire can crash a service;
+- W3C trace context travels in NATS headers (OpenTelemetry's propagator; a no-op until a tracer
+  provider is configured);
+- reconnects forever with backoff; `close()` drains subscriptions so in-flight handlers finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from kvmesh.schemas.messages import ErrorReply, Message
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, typ: type[T]) -> T:
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
+    return dec.decode(data)
+
+
+class BusError(RuntimeError):
+    """A request could not be completed over the bus."""
+
+
+class BusTimeout(BusError):
+    pass
+
+
+class NoResponders(BusError):
+    """Nobody subscribes to the subject (the service is down or not started yet)."""
+
+
+def _headers() -> dict[str, str] | None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+def context_of(msg: Msg) -> otel_context.Context:
+    """The trace context a message carried (for the handler to parent its spans on)."""
+    return propagate.extract(msg.headers or {})
+
+
+Handler = Callable[[Any, Msg], Awaitable[Message | None]]
+
+
+class Bus:
+    def __init__(self, nc: nats.NATS, name: str) -> None:
+        self.nc = nc
+        self.name = name
+        self._subs: list[Subscription] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        tls: Any = None,
+        connect_timeout: float = 5.0,
+    ) -> Bus:
+        async def on_disconnect() -> None:
+            log.warning("%s: disconnected from NATS", name)
+
+        async def on_reconnect() -> None:
+            log.info("%s: reconnected to NATS", name)
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("%s: NATS error: %r", name, exc)
+
+        nc = await nats.connect(
+            servers=url.split(","),
+            name=name,
+            user=user,
+            password=password,
+            token=token,
+            tls=tls,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+        return cls(nc, name)
+
+    # -- client side ----------------------------------------------------------------------------
+    async def publish(self, subject: str, msg: Message) -> None:
+        await self.nc.publish(subject, encode(msg), headers=_headers())
+
+    async def request(self, subject: str, msg: Message, reply_type: type[T], timeout: float = 5.0) -> T:
+        try:
+            reply = await self.nc.request(subject, encode(msg), timeout=timeout, headers=_headers())
+        except NoRespondersError:
+            raise NoResponders(f"no service answers on {subject}") from None
+        except NatsTimeoutError:
+            raise BusTimeout(f"{subject}: no reply within {timeout:.1f} s") from None
+        try:
+            return decode(reply.data, reply_type)
+        except msgspec.DecodeError as exc:
+            raise BusError(f"{subject}: malformed reply: {exc}") from None
+
+    # -- server side ----------------------------------------------------------------------------
+    async def serve(
+        self, subject: str, request_type: Any, handler: Handler, queue: str | None = None
+    ) -> None:
+        """Answer requests on `subject` with handler(decoded, raw) -> reply. Replicas sharing `queue`
+        split the requests. A message that is not a valid `request_type` is dropped (and answered
+        with ErrorReply if it expects a reply)."""
+
+        async def cb(raw: Msg) -> None:
+            try:
+                req = decode(raw.data, request_type)
+            except msgspec.DecodeError as exc:
+                log.warning("%s: dropped malformed message on %s: %s", self.name, raw.subject, exc)
+                await self._reply(
+                    raw, ErrorReply(code="invalid_request", message=f"malformed message: {exc}")
+                )
+                return
+            token = otel_context.attach(context_of(raw))
+            try:
+                reply = await handler(req, raw)
+            except Exception as exc:
+                log.exception("%s: handler for %s failed", self.name, raw.subject)
+                reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}")
+            finally:
+                otel_context.detach(token)
+            if reply is not None:
+                await self._reply(raw, reply)
+
+        self._subs.append(await self.nc.subscribe(subject, queue=queue or "", cb=cb))
+
+    async def _reply(self, raw: Msg, reply: Message) -> None:
+        if raw.reply:
+            try:
+                await self.nc.publish(raw.reply, encode(reply))
+            except Exception as exc:  # the requester is gone or NATS is reconnecting: nothing to do
+                log.debug("%s: reply on %s failed: %r", self.name, raw.subject, exc)
+
+    async def listen(self, subject: str, msg_type: Any, queue_size: int = 0) -> AsyncIterator[Any]:
+        """Decoded messages published on `subject`, in order, until the consumer stops iterating.
+        Malformed messages are logged and skipped."""
+        q: asyncio.Queue[Msg] = asyncio.Queue(queue_size)
+        sub = await self.nc.subscribe(subject, cb=q.put)
+        try:
+            while True:
+                raw = await q.get()
+                try:
+                    yield decode(raw.data, msg_type)
+                except msgspec.DecodeError as exc:
+                    log.warning("%s: dropped malformed message on %s: %s", self.name, subject, exc)
+        finally:
+            await _quiet_unsubscribe(sub)
+
+    async def subscribe_queue(self, subject: str) -> tuple[Subscription, asyncio.Queue[Msg]]:
+        """A raw subscription feeding a queue (for token streams the caller decodes itself)."""
+        q: asyncio.Queue[Msg] = asyncio.Queue()
+        sub = await self.nc.subscribe(subject, cb=q.put)
+        return sub, q
+
+    async def close(self) -> None:
+        """Drain: stop taking new messages, let in-flight handlers finish, then disconnect."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.drain()
+        except Exception as exc:
+            log.debug("%s: drain failed: %r", self.name, exc)
+            await self.nc.close()
+
+
+async def _quiet_unsubscribe(sub: Subscription) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception as exc:  # connection already closed
+        log.debug("unsubscribe failed: %r", exc)

@@ -1,0 +1,201 @@
+"""Every message between kvmesh services, as versioned msgspec structs (msgpack on the wire).
+
+Subjects are `kvmesh.<service>.<verb>`; a worker's own subjects carry its id. Each struct is tagged
+with its name and schema version, so a subject that carries several kinds decodes into a tagged
+union, and a peer speaking another version fails loudly at decode time instead of misreading fields.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class Message(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=False, kw_only=True):
+    """Base of every wire message."""
+
+
+def _tag(name: str) -> str:
+    return f"{name}.v{SCHEMA_VERSION}"
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+class ErrorReply(Message, tag=_tag("ErrorReply")):
+    """A typed failure, returned instead of a reply or sent on a token stream."""
+
+    code: str  # invalid_request | prompt_too_long | no_workers | overloaded | internal | unavailable
+    message: str
+    field: str | None = None  # the offending request field, for invalid_request
+
+
+# --- tokenizer: kvmesh.tokenizer.encode / kvmesh.tokenizer.detokenize ---------------------------------
+
+
+class ChatMessage(Message):
+    role: str
+    content: str
+
+
+class EncodeRequest(Message, tag=_tag("EncodeRequest")):
+    request_id: str
+    messages: list[ChatMessage] | None = None  # chat: rendered with the model's template
+    prompt: str | None = None  # plain text
+    token_ids: list[int] | None = None  # already tokenized: only hashed
+    add_generation_prompt: bool = True
+    cache_salt: str | None = None  # per-tenant prefix-cache namespace
+
+
+class EncodeReply(Message, tag=_tag("EncodeReply")):
+    token_ids: list[int]
+    block_hashes: list[int]  # chained hashes of the full blocks (see libs/engine/block_hash.py)
+    block_size: int
+
+
+class DetokenizeRequest(Message, tag=_tag("DetokenizeRequest")):
+    token_ids: list[int]
+
+
+class DetokenizeReply(Message, tag=_tag("DetokenizeReply")):
+    text: str
+
+
+# --- router: kvmesh.router.route -------------------------------------------------------------------
+
+
+class RouteRequest(Message, tag=_tag("RouteRequest")):
+    request_id: str
+    num_tokens: int
+    max_tokens: int
+    block_hashes: list[int] = []
+    session_id: str | None = None  # affinity key (OpenAI `user` or a header)
+    exclude: list[str] = []  # workers not to pick (already failed for this request)
+
+
+class RouteReply(Message, tag=_tag("RouteReply")):
+    worker_id: str
+    reason: str  # why this worker: load | prefix | session | only
+    score: float = 0.0
+
+
+# --- workers: kvmesh.worker.<id>.generate / .abort / .stats, kvmesh.worker.heartbeat ---------------------
+
+
+class SamplingOptions(Message):
+    """The engine-side sampling knobs (stop strings stay at the gateway, which detokenizes)."""
+
+    max_tokens: int
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+class GenerateRequest(Message, tag=_tag("GenerateRequest")):
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingOptions
+    stream_subject: str  # where the worker publishes this request's TokenChunks and Finished
+
+
+class GenerateAccepted(Message, tag=_tag("GenerateAccepted")):
+    worker_id: str
+
+
+class AbortRequest(Message, tag=_tag("AbortRequest")):
+    request_id: str
+
+
+class StatsRequest(Message, tag=_tag("StatsRequest")):
+    pass
+
+
+class WorkerStats(Message, tag=_tag("WorkerStats")):
+    worker_id: str
+    role: str  # aggregated | prefill | decode
+    model: str
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_usage: float
+    outstanding_tokens: int  # prompt tokens still to prefill + output tokens still to decode
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+
+
+class Heartbeat(Message, tag=_tag("Heartbeat")):
+    stats: WorkerStats
+    ts: float  # sender's wall clock, seconds
+    interval_s: float  # the sender beats this often; receivers expire it after a few misses
+
+
+# --- token streams: kvmesh.stream.<request_id> ----------------------------------------------------------
+
+
+class TokenLogprobs(Message):
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class TokenChunk(Message, tag=_tag("TokenChunk")):
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class Finished(Message, tag=_tag("Finished")):
+    finish_reason: str  # stop | length | abort
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+StreamMessage = TokenChunk | Finished | ErrorReply
+EncodeResult = EncodeReply | ErrorReply
+DetokenizeResult = DetokenizeReply | ErrorReply
+RouteResult = RouteReply | ErrorReply
+GenerateResult = GenerateAccepted | ErrorReply
+WorkerRequest = GenerateRequest | AbortRequest | StatsRequest
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    ErrorReply,
+    EncodeRequest,
+    EncodeReply,
+    DetokenizeRequest,
+    DetokenizeReply,
+    RouteRequest,
+    RouteReply,
+    GenerateRequest,
+    GenerateAccepted,
+    AbortRequest,
+    StatsRequest,
+    WorkerStats,
+    Heartbeat,
+    TokenChunk,
+    Finished,
+)
+
+
+class Subjects:
+    """NATS subjects, in one place."""
+
+    TOKENIZER_ENCODE = "kvmesh.tokenizer.encode"
+    TOKENIZER_DETOKENIZE = "kvmesh.tokenizer.detokenize"
+    ROUTER_ROUTE = "kvmesh.router.route"
+    WORKER_HEARTBEAT = "kvmesh.worker.heartbeat"
+    KV_EVENTS = "kvmesh.kv.events"  # .<worker_id>
+
+    @staticmethod
+    def worker(worker_id: str, verb: str) -> str:
+        return f"kvmesh.worker.{worker_id}.{verb}"
+
+    @staticmethod
+    def stream(request_id: str) -> str:
+        return f"kvmesh.stream.{request_id}"
