@@ -158,6 +158,7 @@ class Bus:
                 await self._reply(raw, reply)
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue or "", cb=cb))
+        await self.nc.flush()  # the server knows the subscription before serve() returns
 
     async def _reply(self, raw: Msg, reply: Message) -> None:
         if raw.reply:
@@ -171,6 +172,7 @@ class Bus:
         Malformed messages are logged and skipped."""
         q: asyncio.Queue[Msg] = asyncio.Queue(queue_size)
         sub = await self.nc.subscribe(subject, cb=q.put)
+        await self.nc.flush()
         try:
             while True:
                 raw = await q.get()
@@ -185,6 +187,7 @@ class Bus:
         """A raw subscription feeding a queue (for token streams the caller decodes itself)."""
         q: asyncio.Queue[Msg] = asyncio.Queue()
         sub = await self.nc.subscribe(subject, cb=q.put)
+        await self.nc.flush()
         return sub, q
 
     async def close(self) -> None:

@@ -67,3 +67,25 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         }
     save_file(weights, str(folder / "model.safetensors"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real nats-server (JetStream on) on a free port, for the whole session."""
+    import subprocess
+
+    from kvmesh.libs.launcher import free_port, nats_server_binary, wait_for_port
+
+    port = free_port()
+    store = tmp_path_factory.mktemp("jetstream")
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 10, proc)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
