@@ -1,0 +1,1 @@
+"""The gateway: kvmesh's OpenAI-compatible HTTP ingress (see README.md)."""

@@ -1,0 +1,214 @@
+"""The HTTP surface: routes, OpenAI-shaped errors, SSE responses and cancellation on disconnect.
+
+Handlers stay thin: validate (openai_protocol), run (generation), shape (responses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+from tokenizers import Tokenizer
+
+from kvmesh.libs.bus import Bus
+from kvmesh.services.gateway.config import GatewayConfig, ServedModel
+from kvmesh.services.gateway.errors import GatewayError
+from kvmesh.services.gateway.generation import Generator
+from kvmesh.services.gateway.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from kvmesh.services.gateway.params import Timeouts
+from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody receives it
+
+
+class SSEResponse(StreamingResponse):
+    """A `text/event-stream` response that always runs `on_close` when it ends, however it ends
+    (completed, client disconnected, server shutting down): that is where the worker gets aborted."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._on_close())
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run `work`; cancel it and return None if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def create_app(
+    config: GatewayConfig, bus: Bus, tokenizer: Tokenizer, model: ServedModel | None = None
+) -> FastAPI:
+    """The gateway's ASGI app. `model` defaults to the card of `config.model` (resolved on disk)."""
+    if model is None:
+        from kvmesh.libs.engine.model_store import resolve_model
+
+        model = ServedModel.load(config, resolve_model(config.model))
+    served = model
+    timeouts = Timeouts(bus=config.bus_timeout, token=config.token_timeout, request=config.request_timeout)
+    generator = Generator(bus, tokenizer, served.max_model_len, timeouts)
+    texts = TokenTexts(tokenizer)
+    app = FastAPI(title="kvmesh gateway", summary="OpenAI-compatible API of the kvmesh serving mesh")
+    _install_error_handlers(app)
+
+    def check_model(name: str | None) -> None:
+        if not served.accepts(name):
+            raise GatewayError.model_not_found(name or "")
+
+    async def complete(
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        shaper_type: type[ChatShaper | CompletionShaper],
+        id_prefix: str,
+    ) -> Response:
+        check_model(body.model)
+        prompt, params = body.prompt_and_params()
+        shaper = shaper_type(
+            f"{id_prefix}-{uuid.uuid4().hex}",  # also the request id on NATS, end to end
+            body.model or served.name,
+            int(time.time()),
+            texts if params.logprobs is not None else None,
+            body.include_usage,
+        )
+        if body.stream:
+            # Started before the response: failures up to the worker's acceptance keep their status.
+            running = await generator.start(shaper.request_id, prompt, params)
+            return SSEResponse(sse_stream(shaper, running.outputs()), on_close=running.close)
+
+        async def whole() -> dict[str, Any]:
+            running = await generator.start(shaper.request_id, prompt, params)
+            try:
+                return shaper.response(*await running.collect())
+            finally:
+                await running.close()
+
+        result = await _unless_disconnected(request, whole())
+        if result is None:
+            log.info("%s: client disconnected; aborted", shaper.request_id)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(result)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await complete(request, body, ChatShaper, "chatcmpl")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await complete(request, body, CompletionShaper, "cmpl")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": served.name,
+            "object": "model",
+            "created": served.created,
+            "owned_by": "kvmesh",
+            "root": str(served.path),
+            "max_model_len": served.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        reply = await generator.encode(f"tokenize-{uuid.uuid4().hex}", body.prompt_input())
+        return {
+            "tokens": reply.token_ids,
+            "count": len(reply.token_ids),
+            "max_model_len": served.max_model_len,
+        }
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        return {"prompt": await generator.detokenize(body.tokens)}
+
+    @app.get("/health", response_model=None)
+    async def health() -> Response:
+        if bus.nc.is_connected:
+            return JSONResponse({"status": "ok"})
+        return _error_response(GatewayError.unavailable("not connected to NATS"))
+
+    return app
+
+
+def _error_response(exc: GatewayError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every failure leaves in OpenAI's error shape; FastAPI's 422s become 400s; no stack traces."""
+
+    @app.exception_handler(GatewayError)
+    async def on_gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s: %d %s", _request.method, _request.url.path, exc.status, exc.message)
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error_response(GatewayError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", _request.method, _request.url.path)
+        return _error_response(GatewayError.internal(f"internal error: {type(exc).__name__}"))
+
+
+def validation_error(errors: list[dict[str, Any]]) -> GatewayError:
+    """pydantic's errors as one 400: `param` is the top-level body field of the first error."""
+    param = None
+    messages = []
+    for err in errors[:3]:
+        loc = [str(part) for part in err.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        if err.get("type") == "json_invalid":
+            loc = []  # its location is a character offset, not a field
+        if param is None and loc:
+            param = loc[0]
+        messages.append(f"{'.'.join(loc) or 'request body'}: {err.get('msg', 'invalid')}")
+    return GatewayError.invalid("; ".join(messages) or "invalid request", param)

@@ -1,0 +1,185 @@
+"""OpenAI request bodies (pydantic) and their translation into the mesh's prompt and parameters.
+
+Field checks that pydantic can state (ranges, types) live on the fields, so FastAPI reports them with
+the field's name; checks across fields raise GatewayError from `prompt_and_params()`. Unknown fields
+are ignored (as OpenAI-compatible servers such as vLLM do); `null` means "the default" everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kvmesh.schemas.messages import ChatMessage
+from kvmesh.services.gateway.errors import GatewayError
+from kvmesh.services.gateway.params import GenerationParams, PromptInput
+
+MAX_LOGPROBS = 20  # the engine's limit (libs/engine/sampling_params.py)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def to_wire(self) -> ChatMessage:
+        content = self.content
+        if content is None:  # an assistant turn that only called tools
+            content = ""
+        elif not isinstance(content, str):
+            content = "\n".join(part.text for part in content)
+        # "developer" is OpenAI's newer name for the system role; chat templates know "system".
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class _SamplingBody(_Body):
+    """Fields shared by /v1/chat/completions and /v1/completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    user: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and any(t < 0 for t in ids):
+            raise ValueError("token ids must be non-negative")
+        return ids
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_param: str) -> GenerationParams:
+        if self.stream_options is not None and not self.stream:
+            raise GatewayError.invalid("stream_options is only allowed with stream=true", "stream_options")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise GatewayError.invalid(f"{name} is not supported (only 0)", name)
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return GenerationParams(
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens or 0,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            ignore_eos=bool(self.ignore_eos),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logprobs=logprobs,
+            stop=tuple(s for s in stop if s),
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            skip_special_tokens=self.skip_special_tokens is not False,
+            session_id=self.user,
+            prompt_param=prompt_param,
+        )
+
+
+class ChatCompletionRequest(_SamplingBody):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool | None = None  # vLLM
+
+    def prompt_and_params(self) -> tuple[PromptInput, GenerationParams]:
+        if self.top_logprobs and not self.logprobs:
+            raise GatewayError.invalid("top_logprobs needs logprobs=true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        params = self._params(max_tokens, logprobs, "messages")
+        prompt = PromptInput(
+            messages=[m.to_wire() for m in self.messages],
+            add_generation_prompt=self.add_generation_prompt is not False,
+        )
+        return prompt, params
+
+
+class CompletionRequest(_SamplingBody):
+    # One prompt: text, or token ids; a list holding exactly one of those is accepted too.
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
+
+    def prompt_and_params(self) -> tuple[PromptInput, GenerationParams]:
+        if self.echo:
+            raise GatewayError.invalid("echo is not supported", "echo")
+        if self.suffix:
+            raise GatewayError.invalid("suffix is not supported", "suffix")
+        return self._prompt(), self._params(self.max_tokens, self.logprobs, "prompt")
+
+    def _prompt(self) -> PromptInput:
+        p = self.prompt
+        if isinstance(p, str):
+            return PromptInput(text=p)
+        if p and not isinstance(p[0], int):  # a list of prompts
+            if len(p) != 1:
+                raise GatewayError.invalid(
+                    f"only one prompt per request is supported, got {len(p)}", "prompt", "unsupported"
+                )
+            p = p[0]
+            if isinstance(p, str):
+                return PromptInput(text=p)
+        return PromptInput(token_ids=list(p))
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_generation_prompt: bool | None = None
+
+    def prompt_input(self) -> PromptInput:
+        if (self.prompt is None) == (self.messages is None):
+            raise GatewayError.invalid("give exactly one of prompt and messages", "prompt")
+        if self.messages is not None:
+            return PromptInput(
+                messages=[m.to_wire() for m in self.messages],
+                add_generation_prompt=self.add_generation_prompt is not False,
+            )
+        return PromptInput(text=self.prompt)
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,64 @@
+"""What the protocol layer hands to the generation layer, and what comes back: plain typed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvmesh.schemas.messages import ChatMessage, TokenLogprobs
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInput:
+    """Exactly one of messages (chat), text or token_ids."""
+
+    messages: list[ChatMessage] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """The request's sampling and output options, validated by the protocol layer."""
+
+    max_tokens: int | None  # None: the rest of the context
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; n >= 0: the sampled token's and the top n
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    session_id: str | None = None  # routing affinity (OpenAI `user`)
+    prompt_param: str = "prompt"  # the request field that held the prompt, for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    bus: float = 10.0
+    token: float = 120.0
+    request: float = 600.0
+
+
+class Usage(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class OutputLogprob(NamedTuple):
+    token_id: int
+    text_offset: int  # characters of completion text before this token's own text
+    lp: TokenLogprobs
+
+
+class GenerationOutput(NamedTuple):
+    text: str  # new text ("" allowed only on the final output)
+    logprobs: list[OutputLogprob] | None = None
+    finish_reason: str | None = None  # set on the final output only
+    usage: Usage | None = None  # set on the final output only
