@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,9 @@ def _up(args: argparse.Namespace) -> int:
 
     resolve_model(args.model)
     mesh = Mesh(config)
+    # Ctrl-C and SIGTERM both stop the mesh cleanly (a backgrounded shell job ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with mesh:
             print(f"kvmesh: starting {args.workers} worker(s); NATS {mesh.nats_url}", flush=True)

@@ -160,9 +160,11 @@ class Mesh:
         self._spawn("gateway", argv, {**common, "KVMESH_THREADS": "1"})
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Until the gateway answers /health and every worker has sent a heartbeat."""
+        """Until every worker has sent a heartbeat, the tokenizer and router answer, and the
+        gateway answers /health."""
         deadline = time.monotonic() + timeout
         asyncio.run(self._wait_workers(deadline))
+        asyncio.run(self._wait_services(deadline))
         while True:
             self._check_alive()
             try:
@@ -193,6 +195,33 @@ class Mesh:
                 except TimeoutError:
                     continue
                 seen.add(decode(raw.data, Heartbeat).stats.worker_id)
+        finally:
+            await bus.close()
+
+    async def _wait_services(self, deadline: float) -> None:
+        from kvmesh.libs.bus import Bus, BusError
+        from kvmesh.schemas.messages import EncodeRequest, EncodeResult, RouteRequest, RouteResult, Subjects
+
+        bus = await Bus.connect(self.nats_url, "launcher")
+        probes = [
+            (Subjects.TOKENIZER_ENCODE, EncodeRequest(request_id="ready", prompt="ready"), EncodeResult),
+            (
+                Subjects.ROUTER_ROUTE,
+                RouteRequest(request_id="ready", num_tokens=0, max_tokens=0),
+                RouteResult,
+            ),
+        ]
+        try:
+            for subject, msg, reply in probes:
+                while True:
+                    self._check_alive()
+                    try:
+                        await bus.request(subject, msg, reply, timeout=2)
+                        break
+                    except BusError:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"no answer on {subject}") from None
+                        await asyncio.sleep(0.1)
         finally:
             await bus.close()
 
