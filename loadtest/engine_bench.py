@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -275,7 +274,6 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    _ = statistics
 
 
 if __name__ == "__main__":

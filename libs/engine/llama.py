@@ -3,7 +3,7 @@
 Plain tensors and functional ops, no nn.Module tree: a decode step at batch 1 is dominated by
 per-op overhead (30 layers x every op), so the layer is written to issue as few ops as possible:
 fused qkv and gate/up projections, RoPE applied to q and k together with one roll, residual adds
-fused into addmm.
+fused into the output projections (oneDNN binary post-op).
 """
 
 from __future__ import annotations

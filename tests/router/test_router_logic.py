@@ -1,0 +1,63 @@
+"""Router scoring and worker expiry (pure logic; the e2e tests run the real service)."""
+
+from kvmesh.schemas.messages import ErrorReply, Heartbeat, RouteReply, RouteRequest, WorkerStats
+from kvmesh.services.router.service import RouterConfig, RouterService
+
+
+def beat(router: RouterService, wid: str, outstanding: int, now: float, interval: float = 1.0) -> None:
+    stats = WorkerStats(
+        worker_id=wid,
+        role="aggregated",
+        model="m",
+        num_running=0,
+        num_waiting=0,
+        num_blocks=100,
+        num_free_blocks=100,
+        kv_usage=0.0,
+        outstanding_tokens=outstanding,
+    )
+    router.registry.beat(Heartbeat(stats=stats, ts=0.0, interval_s=interval), now=now)
+
+
+def route(router: RouterService, n: int = 100, exclude: list[str] | None = None):
+    return router.route(RouteRequest(request_id="r", num_tokens=n, max_tokens=50, exclude=exclude or []))
+
+
+def test_least_outstanding_tokens_wins_and_assignments_count_until_the_next_beat(monkeypatch):
+    router = RouterService(RouterConfig(nats_url="", seed=0))
+    monkeypatch.setattr("time.monotonic", lambda: 10.0)
+    beat(router, "a", 500, now=10.0)
+    beat(router, "b", 100, now=10.0)
+    first = route(router, n=1000)
+    assert isinstance(first, RouteReply) and first.worker_id == "b" and first.reason == "load"
+    # b now carries 100 + 1050 assigned tokens: the next request goes to a
+    assert route(router).worker_id == "a"
+    beat(router, "b", 0, now=10.0)  # a fresh beat replaces the local estimate
+    assert route(router).worker_id == "b"
+
+
+def test_ties_are_broken_at_random(monkeypatch):
+    monkeypatch.setattr("time.monotonic", lambda: 0.0)
+    picks = set()
+    for seed in range(20):
+        router = RouterService(RouterConfig(nats_url="", seed=seed))
+        for w in ("a", "b", "c"):
+            beat(router, w, 0, now=0.0)
+        picks.add(route(router).worker_id)
+    assert picks == {"a", "b", "c"}
+
+
+def test_silent_workers_expire_and_exclusions_apply(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr("time.monotonic", lambda: clock["t"])
+    router = RouterService(RouterConfig(nats_url=""))
+    beat(router, "a", 0, now=0.0, interval=0.5)
+    beat(router, "b", 0, now=0.0, interval=0.5)
+    assert route(router, exclude=["a"]).worker_id == "b"
+    clock["t"] = 1.0
+    beat(router, "b", 0, now=1.0, interval=0.5)
+    clock["t"] = 1.6  # a: silent for 3.2 intervals -> dropped; b: 1.2 intervals -> alive
+    assert route(router).worker_id == "b" and set(router.registry.workers) == {"b"}
+    assert route(router).reason == "only"
+    reply = route(router, exclude=["b"])
+    assert isinstance(reply, ErrorReply) and reply.code == "no_workers"
