@@ -148,6 +148,8 @@ class TokenLogprobs(Message):
 
 class TokenChunk(Message, tag=_tag("TokenChunk")):
     token_ids: list[int]
+    # output position of token_ids[0]: the reader detects a lost or repeated chunk by it
+    first_index: int = 0
     logprobs: list[TokenLogprobs] | None = None
 
 

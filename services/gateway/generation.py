@@ -250,6 +250,12 @@ class RunningRequest:
             msg = await self._next()
             kind = type(msg)
             if kind is TokenChunk:
+                if msg.first_index != self._num_output:  # core NATS dropped or repeated a chunk
+                    await self.close()
+                    raise GatewayError.internal(
+                        f"worker {self.worker_id}'s stream skipped from token {self._num_output} "
+                        f"to {msg.first_index}"
+                    )
                 text, logprobs, stopped = self._consume(msg)
                 if stopped:
                     finished = await self._abort_and_wait()

@@ -164,4 +164,5 @@ def _chunk(out: RequestOutput) -> TokenChunk:
             )
             for lp in out.new_logprobs
         ]
-    return TokenChunk(token_ids=out.new_token_ids, logprobs=lps)
+    first = out.num_output_tokens - len(out.new_token_ids)
+    return TokenChunk(token_ids=out.new_token_ids, first_index=first, logprobs=lps)

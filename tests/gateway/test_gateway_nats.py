@@ -116,11 +116,11 @@ class StandInMesh:
             if self.endless:
                 while True:
                     await asyncio.sleep(0.01)
-                    await self.bus.publish(req.stream_subject, TokenChunk(token_ids=[42]))
+                    await self.bus.publish(req.stream_subject, TokenChunk(token_ids=[42], first_index=sent))
                     sent += 1
             for i, chunk in enumerate(self.chunks):
                 await asyncio.sleep(self.delays[i] if i < len(self.delays) else 0)
-                await self.bus.publish(req.stream_subject, TokenChunk(token_ids=chunk))
+                await self.bus.publish(req.stream_subject, TokenChunk(token_ids=chunk, first_index=sent))
                 sent += len(chunk)
         except asyncio.CancelledError:
             reason = "abort"

@@ -61,7 +61,7 @@ def chunks_of(tokenizer, text: str, sizes: list[int]) -> list[TokenChunk]:
     out, i = [], 0
     for n in [*sizes, len(ids)]:
         if i < len(ids):
-            out.append(TokenChunk(token_ids=ids[i : i + n]))
+            out.append(TokenChunk(token_ids=ids[i : i + n], first_index=i))
         i += n
     return out
 
@@ -123,7 +123,7 @@ async def test_logprobs_ride_with_their_text(tokenizer):
     def lp(t: int) -> TokenLogprobs:
         return TokenLogprobs(logprob=-1.0, top_ids=[t], top_logprobs=[-1.0])
 
-    feed(queue, *[TokenChunk(token_ids=[t], logprobs=[lp(t)]) for t in ids])
+    feed(queue, *[TokenChunk(token_ids=[t], first_index=i, logprobs=[lp(t)]) for i, t in enumerate(ids)])
     feed(
         queue,
         Finished(
@@ -181,3 +181,12 @@ def test_context_length(num_prompt, max_tokens, expect):
         assert gen._max_tokens(num_prompt, params) == expect
     with pytest.raises(GatewayError, match="min_tokens"):
         gen._max_tokens(10, GenerationParams(max_tokens=None, min_tokens=2000))
+
+
+async def test_a_lost_chunk_fails_the_request_and_aborts_the_worker(tokenizer):
+    bus = RecordingBus()
+    req, queue = running(tokenizer, bus)
+    feed(queue, TokenChunk(token_ids=[42], first_index=0), TokenChunk(token_ids=[43], first_index=2))
+    with pytest.raises(GatewayError, match="skipped from token 1 to 2"):
+        await req.collect()
+    assert bus.published == [(Subjects.worker("w1", "abort"), AbortRequest(request_id="chatcmpl-1"))]
