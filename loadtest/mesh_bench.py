@@ -147,14 +147,16 @@ def main() -> None:
 
     print("[1/2] engine in this process", flush=True)
 
-    async def run_engine(engine: LLMEngine) -> None:
-        llm = AsyncLLM(engine)
+    async def run_engine() -> None:
+        # built in the engine thread, exactly as the worker does it (see async_engine.py)
+        llm = AsyncLLM(lambda: LLMEngine(EngineConfig(dtype="bfloat16"), load_tokenizer=False))
+        await llm.ready()
         for name, (cfg, reqs) in prepared.items():
             result[name]["engine"] = await engine_run(llm, tokenizer, reqs, cfg.concurrency)
             print(f"  {name}: {result[name]['engine']}", flush=True)
         llm.shutdown()
 
-    asyncio.run(run_engine(LLMEngine(EngineConfig(dtype="bfloat16"), load_tokenizer=False)))
+    asyncio.run(run_engine())
     gc.collect()  # the engine's weights and KV cache go before the mesh's worker loads its own
 
     print("[2/2] the mesh (1 worker) over HTTP", flush=True)

@@ -37,18 +37,15 @@ def main() -> None:
     from kvmesh.libs.engine.engine import LLMEngine
     from kvmesh.services.worker.service import WorkerConfig, WorkerService
 
-    engine = LLMEngine(
-        EngineConfig(
-            model=args.model,
-            dtype=args.dtype,
-            block_size=args.block_size,
-            kv_cache_memory_gb=args.kv_cache_gb,
-            num_kv_blocks=args.num_kv_blocks or None,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len or None,
-        ),
-        load_tokenizer=False,
+    engine_config = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory_gb=args.kv_cache_gb,
+        num_kv_blocks=args.num_kv_blocks or None,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len or None,
     )
     config = WorkerConfig(
         nats_url=args.nats_url,
@@ -58,7 +55,9 @@ def main() -> None:
     )
 
     async def serve(stop: asyncio.Event) -> None:
-        llm = AsyncLLM(engine)
+        # The engine is built inside its own thread: see async_engine.py on OpenMP thread counts.
+        llm = AsyncLLM(lambda: LLMEngine(engine_config, load_tokenizer=False))
+        await llm.ready()
         service = WorkerService(config, llm)
         bus = await Bus.connect(config.nats_url, f"worker-{worker_id}")
         await service.attach(bus)

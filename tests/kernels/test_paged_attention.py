@@ -52,12 +52,15 @@ def make_batch(
     num_layers: int = 2,
     layer: int = 1,
     seed: int = 0,
+    head_major: bool = False,
 ) -> PagedBatch:
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in zip(cached_lens, q_lens, strict=True)]
     blocks_needed = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_needed) + 3  # spare blocks stay NaN
-    kv_cache = torch.full((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), float("nan"))
+    # head_major: the engine's in-block order [kv_heads, block_size, head_dim], fed as transposed views
+    inner = (num_kv_heads, block_size) if head_major else (block_size, num_kv_heads)
+    kv_cache = torch.full((num_blocks, num_layers, 2, *inner, head_dim), float("nan"))
 
     block_ids = torch.randperm(num_blocks, generator=gen).tolist()
     poison_block = block_ids.pop()  # never written: every unused table entry points here
@@ -68,15 +71,18 @@ def make_batch(
         pos = torch.arange(seq_len)
         blocks = block_tables[seq, pos // block_size].long()
         kv = torch.randn(seq_len, 2, num_kv_heads, head_dim, generator=gen)
-        kv_cache[blocks, layer, :, pos % block_size] = kv
+        if head_major:
+            kv_cache[blocks, layer, :, :, pos % block_size] = kv
+        else:
+            kv_cache[blocks, layer, :, pos % block_size] = kv
 
     kv_cache = kv_cache.to(dtype=dtype, device=device)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype=dtype, device=device)
     query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return PagedBatch(
         q=q,
-        k_cache=kv_cache[:, layer, 0],
-        v_cache=kv_cache[:, layer, 1],
+        k_cache=kv_cache[:, layer, 0].transpose(1, 2) if head_major else kv_cache[:, layer, 0],
+        v_cache=kv_cache[:, layer, 1].transpose(1, 2) if head_major else kv_cache[:, layer, 1],
         block_tables=block_tables.to(device),
         query_start_loc=query_start_loc.to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -276,3 +282,12 @@ def test_rejects_bad_inputs(bad):
     args |= make_bad(args)
     with pytest.raises(ValueError, match=message):
         paged_attention(**args)
+
+
+def test_engine_cache_layout(device):
+    """The engine's head-major blocks, passed as transposed views, give the same results."""
+    q_lens, cached_lens = [1, 7, 1, 12], [30, 0, 17, 21]
+    kw = dict(block_size=16, num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.float32, device=device)
+    batch = make_batch(q_lens, cached_lens, head_major=True, **kw)
+    assert not batch.k_cache.is_contiguous()
+    assert_matches_reference(batch, paged_attention(*batch))
