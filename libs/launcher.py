@@ -43,6 +43,20 @@ def nats_server_binary() -> str:
     return found
 
 
+def start_nats_server(port: int, store_dir: Path | None = None, **popen_kw) -> subprocess.Popen:
+    """nats-server on 127.0.0.1:`port` (JetStream on when `store_dir` is given), listening on return."""
+    argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
+    if store_dir is not None:
+        argv += ["-js", "-sd", str(store_dir)]
+    proc = subprocess.Popen(argv, **popen_kw)
+    try:
+        wait_for_port(port, 10, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def redis_server_binary() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
 
@@ -98,15 +112,16 @@ class Mesh:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 
+    def _log_file(self, name: str) -> IO | None:
+        if self.config.log_dir is None:
+            return None
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.config.log_dir / f"{name}.log", "ab")
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        log = None
-        out = None
-        if self.config.log_dir is not None:
-            self.config.log_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.config.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-            out = log
+        log = self._log_file(name)
         full_env = {**os.environ, **(env or {})}
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if log else None, env=full_env)
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=full_env)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -115,10 +130,9 @@ class Mesh:
         if not self.nats_url:
             port = free_port()
             store = Path(self._tmp.name) / "jetstream"
-            proc = self._spawn(
-                "nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
-            )
-            wait_for_port(port, 10, proc.popen)
+            log = self._log_file("nats")
+            popen = start_nats_server(port, store, stdout=log, stderr=subprocess.STDOUT if log else None)
+            self.procs.append(Proc("nats", popen, log))
             self.nats_url = f"nats://127.0.0.1:{port}"
         if not self.redis_url and (binary := redis_server_binary()):
             port = free_port()

@@ -52,3 +52,18 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     asyncio.run(wrapper())
+
+
+def serve_on_bus(nats_url: str, name: str, attach: Callable[[Any], Awaitable[None]]) -> None:
+    """The whole life of a simple service: connect, `attach(bus)` its handlers, serve until SIGTERM,
+    then drain."""
+
+    async def main(stop: asyncio.Event) -> None:
+        from kvmesh.libs.bus import Bus
+
+        bus = await Bus.connect(nats_url, name)
+        await attach(bus)
+        await stop.wait()
+        await bus.close()
+
+    run(main)

