@@ -4,6 +4,7 @@ tokenizer, router, worker(s) and gateway. Used by `kvmesh up` and by the end-to-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -76,6 +78,19 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
 INFRA = ("nats", "redis")
 
 
+@contextlib.contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class MeshConfig:
     model: str = "SmolLM2-135M-Instruct"
@@ -137,6 +152,7 @@ class Mesh:
         if not self.redis_url and (binary := redis_server_binary()):
             port = free_port()
             argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            argv += ["--loglevel", "warning"]
             proc = self._spawn("redis", argv)
             wait_for_port(port, 10, proc.popen)
             self.redis_url = f"redis://127.0.0.1:{port}"
@@ -248,7 +264,12 @@ class Mesh:
         return next(p.popen for p in self.procs if p.name == name)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the services (they drain), then the infrastructure; SIGKILL what lingers."""
+        """SIGTERM the services (they drain), then the infrastructure; SIGKILL what lingers.
+        A second Ctrl-C or SIGTERM meanwhile does not cut the cleanup short."""
+        with _signals_ignored():
+            self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         infra = [p for p in self.procs if p.name in INFRA]
         services = [p for p in self.procs if p.name not in INFRA]
         for group in (services, infra):
