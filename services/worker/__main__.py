@@ -35,6 +35,7 @@ def main() -> None:
     from kvmesh.libs.engine.async_engine import AsyncLLM
     from kvmesh.libs.engine.config import EngineConfig
     from kvmesh.libs.engine.engine import LLMEngine
+    from kvmesh.services.worker.kv_events import KVEventPublisher
     from kvmesh.services.worker.service import WorkerConfig, WorkerService
 
     engine_config = EngineConfig(
@@ -61,9 +62,11 @@ def main() -> None:
         service = WorkerService(config, llm)
         bus = await Bus.connect(config.nats_url, f"worker-{worker_id}")
         await service.attach(bus)
-        beat = asyncio.create_task(service.heartbeat_loop(stop))
+        events = KVEventPublisher(bus, worker_id, llm.take_kv_events)
+        await events.start()
+        tasks = [asyncio.create_task(service.heartbeat_loop(stop)), asyncio.create_task(events.run(stop))]
         await stop.wait()
-        await beat
+        await asyncio.gather(*tasks)
         await bus.close()
         llm.shutdown()
 
