@@ -132,7 +132,7 @@ class Bus:
     # -- server side ----------------------------------------------------------------------------
     async def serve(
         self, subject: str, request_type: Any, handler: Handler, queue: str | None = None
-    ) -> None:
+    ) -> Subscription:
         """Answer requests on `subject` with handler(decoded, raw) -> reply. Replicas sharing `queue`
         split the requests. A message that is not a valid `request_type` is dropped (and answered
         with ErrorReply if it expects a reply)."""
@@ -157,8 +157,10 @@ class Bus:
             if reply is not None:
                 await self._reply(raw, reply)
 
-        self._subs.append(await self.nc.subscribe(subject, queue=queue or "", cb=cb))
+        sub = await self.nc.subscribe(subject, queue=queue or "", cb=cb)
+        self._subs.append(sub)
         await self.nc.flush()  # the server knows the subscription before serve() returns
+        return sub
 
     async def _reply(self, raw: Msg, reply: Message) -> None:
         if raw.reply:

@@ -263,7 +263,7 @@ class Mesh:
     def proc(self, name: str) -> subprocess.Popen:
         return next(p.popen for p in self.procs if p.name == name)
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 40.0) -> None:
         """SIGTERM the services (they drain), then the infrastructure; SIGKILL what lingers.
         A second Ctrl-C or SIGTERM meanwhile does not cut the cleanup short."""
         with _signals_ignored():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -26,6 +27,7 @@ def main() -> None:
     )
     parser.add_argument("--max-model-len", type=int, default=env_default("KVMESH_MAX_MODEL_LEN", 0))
     parser.add_argument("--threads", type=int, default=env_default("KVMESH_THREADS", 0))
+    parser.add_argument("--drain-timeout", type=float, default=env_default("KVMESH_DRAIN_TIMEOUT_S", 30.0))
     parser.add_argument("--heartbeat-interval", type=float, default=env_default("KVMESH_HEARTBEAT_S", 1.0))
     args = parser.parse_args()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -66,6 +68,9 @@ def main() -> None:
         await events.start()
         tasks = [asyncio.create_task(service.heartbeat_loop(stop)), asyncio.create_task(events.run(stop))]
         await stop.wait()
+        aborted = await service.drain(args.drain_timeout)
+        if aborted:
+            logging.getLogger("kvmesh.worker").warning("drain timed out: aborted %d requests", aborted)
         await asyncio.gather(*tasks)
         await bus.close()
         llm.shutdown()

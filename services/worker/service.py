@@ -61,6 +61,7 @@ class WorkerService:
         self.llm = llm
         self.bus: Bus | None = None
         self._pumps: dict[str, asyncio.Task] = {}
+        self._generate_sub = None
 
     def stats(self) -> WorkerStats:
         s: EngineStats = self.llm.stats
@@ -150,9 +151,25 @@ class WorkerService:
         async def on_stats(_req: StatsRequest, _raw) -> WorkerStats:
             return self.stats()
 
-        await bus.serve(Subjects.worker(wid, "generate"), GenerateRequest, on_generate)
+        self._generate_sub = await bus.serve(Subjects.worker(wid, "generate"), GenerateRequest, on_generate)
         await bus.serve(Subjects.worker(wid, "abort"), AbortRequest, on_abort)
         await bus.serve(Subjects.worker(wid, "stats"), StatsRequest, on_stats)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Graceful stop: take no new requests (the gateway retries them elsewhere), let the running
+        ones finish for up to `timeout_s`, abort the rest. Returns how many had to be aborted."""
+        if self._generate_sub is not None:
+            await self._generate_sub.unsubscribe()
+            self._generate_sub = None
+        pumps = list(self._pumps.values())
+        if pumps:
+            _, pending = await asyncio.wait(pumps, timeout=timeout_s)
+            for rid in list(self._pumps):
+                self.llm.abort(rid)
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+            return len(pending)
+        return 0
 
 
 def _chunk(out: RequestOutput) -> TokenChunk:
