@@ -172,6 +172,8 @@ class Mesh:
         threads = cfg.threads_per_worker or max(1, cores // max(1, cfg.num_workers))
         self._spawn("tokenizer", [py, "-m", "kvmesh.services.tokenizer"], {**common, "KVMESH_THREADS": "1"})
         self._spawn("router", [py, "-m", "kvmesh.services.router"], {**common, "KVMESH_THREADS": "1"})
+        if self.redis_url:
+            self._spawn("kv-index", [py, "-m", "kvmesh.services.kv_index"], {**common, "KVMESH_THREADS": "1"})
         for i in range(cfg.num_workers):
             wid = f"worker-{i}"
             self.worker_ids.append(wid)

@@ -16,9 +16,13 @@ class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     """Base of the tagged union; the tag is the class name, as in vLLM."""
 
 
+# A publisher's own block hash: an int (kvmesh, older vLLM) or bytes (newer vLLM's sha256 hashes).
+EngineHash = int | bytes
+
+
 class BlockStored(KVCacheEvent):
-    block_hashes: list[int]  # engine block hashes of the newly cached full blocks, in prefix order
-    parent_block_hash: int | None  # hash of the block before the first one; None at prompt start
+    block_hashes: list[EngineHash]  # publisher hashes of the newly cached full blocks, in prefix order
+    parent_block_hash: EngineHash | None  # hash of the block before the first one; None at prompt start
     token_ids: list[int]  # all tokens of those blocks, concatenated
     block_size: int
     lora_id: int | None = None
@@ -26,7 +30,7 @@ class BlockStored(KVCacheEvent):
 
 
 class BlockRemoved(KVCacheEvent):
-    block_hashes: list[int]  # evicted blocks
+    block_hashes: list[EngineHash]  # evicted blocks
     medium: str | None = "cpu"
 
 

@@ -166,6 +166,41 @@ DetokenizeResult = DetokenizeReply | ErrorReply
 RouteResult = RouteReply | ErrorReply
 GenerateResult = GenerateAccepted | ErrorReply
 WorkerRequest = GenerateRequest | AbortRequest | StatsRequest
+
+
+class Subjects:
+    """NATS subjects, in one place."""
+
+    TOKENIZER_ENCODE = "kvmesh.tokenizer.encode"
+    TOKENIZER_DETOKENIZE = "kvmesh.tokenizer.detokenize"
+    ROUTER_ROUTE = "kvmesh.router.route"
+    WORKER_HEARTBEAT = "kvmesh.worker.heartbeat"
+    KV_EVENTS = "kvmesh.kv.events"  # .<worker_id>
+    KV_INDEX_OVERLAP = "kvmesh.kv_index.overlap"
+
+    @staticmethod
+    def worker(worker_id: str, verb: str) -> str:
+        return f"kvmesh.worker.{worker_id}.{verb}"
+
+    @staticmethod
+    def stream(request_id: str) -> str:
+        return f"kvmesh.stream.{request_id}"
+
+
+# --- kv-index: kvmesh.kv_index.overlap ------------------------------------------------------------------
+
+
+class OverlapRequest(Message, tag=_tag("OverlapRequest")):
+    block_hashes: list[int]  # a prompt's chained block hashes, in order (EncodeReply.block_hashes)
+
+
+class OverlapReply(Message, tag=_tag("OverlapReply")):
+    # worker id -> how many leading blocks of the prompt it holds (workers holding none are absent)
+    overlap: dict[str, int]
+
+
+OverlapResult = OverlapReply | ErrorReply
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     ErrorReply,
     EncodeRequest,
@@ -182,22 +217,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Heartbeat,
     TokenChunk,
     Finished,
+    OverlapRequest,
+    OverlapReply,
 )
-
-
-class Subjects:
-    """NATS subjects, in one place."""
-
-    TOKENIZER_ENCODE = "kvmesh.tokenizer.encode"
-    TOKENIZER_DETOKENIZE = "kvmesh.tokenizer.detokenize"
-    ROUTER_ROUTE = "kvmesh.router.route"
-    WORKER_HEARTBEAT = "kvmesh.worker.heartbeat"
-    KV_EVENTS = "kvmesh.kv.events"  # .<worker_id>
-
-    @staticmethod
-    def worker(worker_id: str, verb: str) -> str:
-        return f"kvmesh.worker.{worker_id}.{verb}"
-
-    @staticmethod
-    def stream(request_id: str) -> str:
-        return f"kvmesh.stream.{request_id}"

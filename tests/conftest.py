@@ -83,3 +83,26 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server on a free port (Debian's redis-server or valkey), never 6379."""
+    import subprocess
+
+    from kvmesh.libs.launcher import free_port, redis_server_binary, wait_for_port
+
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.fail("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 10, proc)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,56 +1,115 @@
-"""Router service: picks a worker for each request (load now; KV-aware scoring plugs in later)."""
+"""Router service: picks a worker per request from prefix overlap (kv-index), load (heartbeats)
+and session affinity. Without the kv-index it keeps routing by load and reports itself degraded."""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvmesh.libs.bus import Bus
-from kvmesh.schemas.messages import ErrorReply, Heartbeat, RouteReply, RouteRequest, Subjects
-from kvmesh.services.router.scoring import LoadScorer, Scorer
+from kvmesh.libs.bus import Bus, BusError
+from kvmesh.schemas.messages import (
+    ErrorReply,
+    Heartbeat,
+    OverlapReply,
+    OverlapRequest,
+    OverlapResult,
+    RouteReply,
+    RouteRequest,
+    Subjects,
+)
+from kvmesh.services.router.scoring import KVAwareScorer, Scorer
 from kvmesh.services.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
+MAX_SESSIONS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     nats_url: str
     seed: int | None = None
+    overlap_timeout_s: float = 0.05  # a slow index must not slow routing: fall back to load
 
 
 class RouterService:
     def __init__(self, config: RouterConfig, scorer: Scorer | None = None) -> None:
         self.config = config
-        self.scorer: Scorer = scorer or LoadScorer()
+        self.scorer: Scorer = scorer or KVAwareScorer()
         self.registry = WorkerRegistry()
         self.rng = random.Random(config.seed)
+        self.sessions: OrderedDict[str, str] = OrderedDict()  # session id -> worker of its last turn
         self.decisions: dict[str, int] = {}
+        self.hit_tokens = 0  # prompt tokens cached on the chosen worker
+        self.available_hit_tokens = 0  # ... on the best worker for reuse (the oracle of this moment)
+        self.index_ok = True
+        self.bus: Bus | None = None
 
-    def route(self, req: RouteRequest) -> RouteReply | ErrorReply:
+    async def overlap(self, req: RouteRequest) -> dict[str, int]:
+        if not req.block_hashes or self.bus is None:
+            return {}
+        try:
+            reply = await self.bus.request(
+                Subjects.KV_INDEX_OVERLAP,
+                OverlapRequest(block_hashes=req.block_hashes),
+                OverlapResult,
+                timeout=self.config.overlap_timeout_s,
+            )
+        except BusError as exc:
+            if self.index_ok:
+                log.warning("kv-index unavailable (%s): routing by load", exc)
+            self.index_ok = False
+            return {}
+        if not isinstance(reply, OverlapReply):
+            self.index_ok = False
+            return {}
+        self.index_ok = True
+        return reply.overlap
+
+    async def route(self, req: RouteRequest) -> RouteReply | ErrorReply:
         live = self.registry.live(req.exclude)
         if not live:
             return ErrorReply(code="no_workers", message="no live worker can take the request")
-        scored = [(self.scorer.score(req, w), w) for w in live]
+        overlap = await self.overlap(req) if len(live) > 1 else {}
+        session_worker = self.sessions.get(req.session_id) if req.session_id else None
+        scored = [
+            (
+                self.scorer.score(
+                    req, w, overlap.get(w.stats.worker_id, 0), w.stats.worker_id == session_worker
+                ),
+                w,
+            )
+            for w in live
+        ]
         best = min(s.value for s, _ in scored)
         choice_score, choice = self.rng.choice([(s, w) for s, w in scored if s.value == best])
+        wid = choice.stats.worker_id
         reason = choice_score.reason if len(live) > 1 else "only"
         choice.assigned_tokens += req.num_tokens + req.max_tokens
         self.decisions[reason] = self.decisions.get(reason, 0) + 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "route %s -> %s (%s) scores %s",
-                req.request_id,
-                choice.stats.worker_id,
-                reason,
-                {w.stats.worker_id: round(s.value, 2) for s, w in scored},
-            )
-        return RouteReply(worker_id=choice.stats.worker_id, reason=reason, score=choice_score.value)
+        block = getattr(self.scorer, "block_size", 16)
+        self.hit_tokens += min(overlap.get(wid, 0) * block, req.num_tokens)
+        self.available_hit_tokens += min(max(overlap.values(), default=0) * block, req.num_tokens)
+        if req.session_id:
+            self.sessions[req.session_id] = wid
+            self.sessions.move_to_end(req.session_id)
+            if len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        log.info(
+            "route %s -> %s (%s) %s",
+            req.request_id,
+            wid,
+            reason,
+            {w.stats.worker_id: (round(s.value, 1), overlap.get(w.stats.worker_id, 0)) for s, w in scored},
+        )
+        return RouteReply(worker_id=wid, reason=reason, score=choice_score.value)
 
     async def attach(self, bus: Bus) -> None:
+        self.bus = bus
+
         async def on_route(req: RouteRequest, _raw) -> RouteReply | ErrorReply:
-            return self.route(req)
+            return await self.route(req)
 
         async def on_beat(hb: Heartbeat, _raw) -> None:
             self.registry.beat(hb)

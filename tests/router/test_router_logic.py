@@ -1,5 +1,7 @@
 """Router scoring and worker expiry (pure logic; the e2e tests run the real service)."""
 
+import asyncio
+
 from kvmesh.schemas.messages import ErrorReply, Heartbeat, RouteReply, RouteRequest, WorkerStats
 from kvmesh.services.router.service import RouterConfig, RouterService
 
@@ -20,7 +22,8 @@ def beat(router: RouterService, wid: str, outstanding: int, now: float, interval
 
 
 def route(router: RouterService, n: int = 100, exclude: list[str] | None = None):
-    return router.route(RouteRequest(request_id="r", num_tokens=n, max_tokens=50, exclude=exclude or []))
+    req = RouteRequest(request_id="r", num_tokens=n, max_tokens=50, exclude=exclude or [])
+    return asyncio.run(router.route(req))
 
 
 def test_least_outstanding_tokens_wins_and_assignments_count_until_the_next_beat(monkeypatch):
@@ -61,3 +64,32 @@ def test_silent_workers_expire_and_exclusions_apply(monkeypatch):
     assert route(router).reason == "only"
     reply = route(router, exclude=["b"])
     assert isinstance(reply, ErrorReply) and reply.code == "no_workers"
+
+
+def test_kv_aware_scoring_trades_prefix_against_load_and_keeps_sessions(monkeypatch):
+    from kvmesh.services.router.scoring import KVAwareScorer
+    from kvmesh.services.router.workers import WorkerInfo
+
+    monkeypatch.setattr("time.monotonic", lambda: 0.0)
+    router = RouterService(RouterConfig(nats_url="", seed=0))
+    beat(router, "a", 300, now=0.0)  # busier, but holds the prompt
+    beat(router, "b", 0, now=0.0)
+    held = {"a": 60}  # 60 blocks of 16 = 960 of the prompt's 1,000 tokens
+
+    async def fake_overlap(_req):
+        return held
+
+    router.overlap = fake_overlap
+    req = RouteRequest(request_id="r", num_tokens=1000, max_tokens=10, session_id="s1")
+    reply = asyncio.run(router.route(req))
+    assert (reply.worker_id, reply.reason) == ("a", "prefix"), "960 cached tokens beat 300 queued"
+    assert router.hit_tokens == router.available_hit_tokens == 960
+
+    held.clear()  # nothing cached anywhere: b is idler, but a ran this session's last turn
+    a, b = router.registry.workers["a"], router.registry.workers["b"]
+    gap = a.load_tokens - b.load_tokens  # 300 queued + the 1,010 just assigned
+    small = RouteRequest(request_id="r2", num_tokens=10, max_tokens=10, session_id="s1")
+    sticky, loose = KVAwareScorer(session_bonus=gap + 100), KVAwareScorer(session_bonus=gap - 100)
+    assert sticky.score(small, a, 0, True).value < sticky.score(small, b, 0, False).value
+    assert loose.score(small, a, 0, True).value > loose.score(small, b, 0, False).value
+    assert isinstance(a, WorkerInfo) and router.sessions["s1"] == "a"
