@@ -80,6 +80,18 @@ class RouteReply(Message, tag=_tag("RouteReply")):
     score: float = 0.0
 
 
+class RouterHealthRequest(Message, tag=_tag("RouterHealthRequest")):
+    pass
+
+
+class RouterHealth(Message, tag=_tag("RouterHealth")):
+    workers: list[str]  # live workers
+    kv_index_ok: bool  # False: the last overlap query failed and routing is by load only
+    decisions: dict[str, int]  # routing decisions by reason (prefix | session | load | only)
+    hit_tokens: int  # prompt tokens cached on the chosen workers
+    available_hit_tokens: int  # prompt tokens cached on the best-holding workers
+
+
 # --- workers: kvmesh.worker.<id>.generate / .abort / .stats, kvmesh.worker.heartbeat ---------------------
 
 
@@ -174,6 +186,7 @@ class Subjects:
     TOKENIZER_ENCODE = "kvmesh.tokenizer.encode"
     TOKENIZER_DETOKENIZE = "kvmesh.tokenizer.detokenize"
     ROUTER_ROUTE = "kvmesh.router.route"
+    ROUTER_HEALTH = "kvmesh.router.health"
     WORKER_HEARTBEAT = "kvmesh.worker.heartbeat"
     KV_EVENTS = "kvmesh.kv.events"  # .<worker_id>
     KV_INDEX_OVERLAP = "kvmesh.kv_index.overlap"
@@ -219,4 +232,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Finished,
     OverlapRequest,
     OverlapReply,
+    RouterHealthRequest,
+    RouterHealth,
 )

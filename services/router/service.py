@@ -17,6 +17,8 @@ from kvmesh.schemas.messages import (
     OverlapResult,
     RouteReply,
     RouteRequest,
+    RouterHealth,
+    RouterHealthRequest,
     Subjects,
 )
 from kvmesh.services.router.scoring import KVAwareScorer, Scorer
@@ -114,5 +116,18 @@ class RouterService:
         async def on_beat(hb: Heartbeat, _raw) -> None:
             self.registry.beat(hb)
 
+        async def on_health(_req: RouterHealthRequest, _raw) -> RouterHealth:
+            return self.health()
+
         await bus.serve(Subjects.WORKER_HEARTBEAT, Heartbeat, on_beat)
         await bus.serve(Subjects.ROUTER_ROUTE, RouteRequest, on_route, queue="router")
+        await bus.serve(Subjects.ROUTER_HEALTH, RouterHealthRequest, on_health)
+
+    def health(self) -> RouterHealth:
+        return RouterHealth(
+            workers=sorted(w.stats.worker_id for w in self.registry.live()),
+            kv_index_ok=self.index_ok,
+            decisions=dict(self.decisions),
+            hit_tokens=self.hit_tokens,
+            available_hit_tokens=self.available_hit_tokens,
+        )

@@ -1,6 +1,7 @@
 """Router scoring and worker expiry (pure logic; the e2e tests run the real service)."""
 
 import asyncio
+import time
 
 from kvmesh.schemas.messages import ErrorReply, Heartbeat, RouteReply, RouteRequest, WorkerStats
 from kvmesh.services.router.service import RouterConfig, RouterService
@@ -93,3 +94,21 @@ def test_kv_aware_scoring_trades_prefix_against_load_and_keeps_sessions(monkeypa
     assert sticky.score(small, a, 0, True).value < sticky.score(small, b, 0, False).value
     assert loose.score(small, a, 0, True).value > loose.score(small, b, 0, False).value
     assert isinstance(a, WorkerInfo) and router.sessions["s1"] == "a"
+
+
+async def test_without_the_kv_index_routing_goes_on_by_load_and_health_says_so(nats_url):
+    from kvmesh.libs.bus import Bus
+    from kvmesh.schemas.messages import RouteResult, RouterHealth, RouterHealthRequest, Subjects
+
+    router = RouterService(RouterConfig(nats_url=nats_url, seed=0))
+    bus, client = await Bus.connect(nats_url, "router"), await Bus.connect(nats_url, "client")
+    await router.attach(bus)
+    for w, load in (("a", 50), ("b", 0)):
+        beat(router, w, load, now=time.monotonic())
+    req = RouteRequest(request_id="r", num_tokens=64, max_tokens=8, block_hashes=[1, 2, 3, 4])
+    reply = await client.request(Subjects.ROUTER_ROUTE, req, RouteResult)  # no kv-index is running
+    assert isinstance(reply, RouteReply) and (reply.worker_id, reply.reason) == ("b", "load")
+    health = await client.request(Subjects.ROUTER_HEALTH, RouterHealthRequest(), RouterHealth)
+    assert health.kv_index_ok is False and health.workers == ["a", "b"] and health.decisions == {"load": 1}
+    await bus.close()
+    await client.close()
