@@ -63,6 +63,21 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
 
 
+def start_redis_server(port: int, binary: str | None = None, **popen_kw) -> subprocess.Popen:
+    """An in-memory redis-server on 127.0.0.1:`port` (no persistence), listening on return."""
+    binary = binary or redis_server_binary()
+    if binary is None:
+        raise FileNotFoundError("redis-server not found: apt-get install redis-server (or valkey)")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*argv, "--loglevel", "warning"], **popen_kw)
+    try:
+        wait_for_port(port, 10, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -151,10 +166,9 @@ class Mesh:
             self.nats_url = f"nats://127.0.0.1:{port}"
         if not self.redis_url and (binary := redis_server_binary()):
             port = free_port()
-            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            argv += ["--loglevel", "warning"]
-            proc = self._spawn("redis", argv)
-            wait_for_port(port, 10, proc.popen)
+            log = self._log_file("redis")
+            popen = start_redis_server(port, binary, stdout=log, stderr=subprocess.STDOUT if log else None)
+            self.procs.append(Proc("redis", popen, log))
             self.redis_url = f"redis://127.0.0.1:{port}"
 
     def start_services(self) -> None:

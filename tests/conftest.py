@@ -90,18 +90,11 @@ def redis_url():
     """A real redis-server on a free port (Debian's redis-server or valkey), never 6379."""
     import subprocess
 
-    from kvmesh.libs.launcher import free_port, redis_server_binary, wait_for_port
+    from kvmesh.libs.launcher import free_port, start_redis_server
 
-    binary = redis_server_binary()
-    if binary is None:
-        pytest.fail("redis-server is not installed")
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    proc = start_redis_server(port, stdout=subprocess.DEVNULL)
     try:
-        wait_for_port(port, 10, proc)
         yield f"redis://127.0.0.1:{port}"
     finally:
         proc.terminate()

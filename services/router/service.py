@@ -88,10 +88,12 @@ class RouterService:
         choice_score, choice = self.rng.choice([(s, w) for s, w in scored if s.value == best])
         wid = choice.stats.worker_id
         reason = choice_score.reason if len(live) > 1 else "only"
-        choice.assigned_tokens += req.num_tokens + req.max_tokens
-        self.decisions[reason] = self.decisions.get(reason, 0) + 1
         block = getattr(self.scorer, "block_size", 16)
-        self.hit_tokens += min(overlap.get(wid, 0) * block, req.num_tokens)
+        cached = min(overlap.get(wid, 0) * block, req.num_tokens)
+        # the work this request adds there until the next heartbeat reports it: uncached prefill + decode
+        choice.assigned_tokens += req.num_tokens - cached + req.max_tokens
+        self.decisions[reason] = self.decisions.get(reason, 0) + 1
+        self.hit_tokens += cached
         self.available_hit_tokens += min(max(overlap.values(), default=0) * block, req.num_tokens)
         if req.session_id:
             self.sessions[req.session_id] = wid
