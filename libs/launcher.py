@@ -50,6 +50,11 @@ def start_nats_server(port: int, store_dir: Path | None = None, **popen_kw) -> s
     argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
     if store_dir is not None:
         argv += ["-js", "-sd", str(store_dir)]
+    return _spawn_listening(argv, port, popen_kw)
+
+
+def _spawn_listening(argv: list[str], port: int, popen_kw: dict) -> subprocess.Popen:
+    """Start a server and return once it listens on `port` (killing it if it never does)."""
     proc = subprocess.Popen(argv, **popen_kw)
     try:
         wait_for_port(port, 10, proc)
@@ -69,13 +74,7 @@ def start_redis_server(port: int, binary: str | None = None, **popen_kw) -> subp
     if binary is None:
         raise FileNotFoundError("redis-server not found: apt-get install redis-server (or valkey)")
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([*argv, "--loglevel", "warning"], **popen_kw)
-    try:
-        wait_for_port(port, 10, proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc
+    return _spawn_listening([*argv, "--loglevel", "warning"], port, popen_kw)
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
