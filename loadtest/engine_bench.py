@@ -21,13 +21,19 @@ import time
 from pathlib import Path
 
 from kvmesh.libs.threads import configure_threads
+from kvmesh.loadtest.load_report import pct_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+def throughput(output_tokens: int, seconds: float, ttft_s: list[float]) -> dict:
+    return {
+        "output_tokens": output_tokens,
+        "seconds": seconds,
+        "output_tok_s": output_tokens / seconds,
+        "ttft_p50_ms": pct_ms(ttft_s, 50),
+        "ttft_p90_ms": pct_ms(ttft_s, 90),
+    }
 
 
 def run_engine_batch(engine, requests, tag: str) -> dict:
@@ -52,15 +58,11 @@ def run_engine_batch(engine, requests, tag: str) -> dict:
             first.setdefault(o.request_id, t1 - start)
     elapsed = time.monotonic() - start
     ttft = list(first.values())
-    decode_steps = [s["ms"] for s in steps if s["sampled"] >= 1]
+    decode_steps = [s["ms"] / 1e3 for s in steps if s["sampled"] >= 1]
     return {
-        "output_tokens": out_tokens,
-        "seconds": elapsed,
-        "output_tok_s": out_tokens / elapsed,
-        "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
-        "ttft_p90_ms": pct(ttft, 0.9) * 1e3,
-        "step_ms_p50": pct(decode_steps, 0.5),
-        "step_ms_p90": pct(decode_steps, 0.9),
+        **throughput(out_tokens, elapsed, ttft),
+        "step_ms_p50": pct_ms(decode_steps, 50),
+        "step_ms_p90": pct_ms(decode_steps, 90),
         "steps": steps,
     }
 
@@ -103,13 +105,7 @@ def run_hf_static(model, requests, batch_size: int, pad_id: int) -> dict:
         useful += sum(n for _, n in batch)  # tokens past a request's own max_tokens are waste
         print(f"  hf batch {b // batch_size + 1}/{-(-len(requests) // batch_size)} done", flush=True)
     elapsed = time.monotonic() - start
-    return {
-        "output_tokens": useful,
-        "seconds": elapsed,
-        "output_tok_s": useful / elapsed,
-        "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
-        "ttft_p90_ms": pct(ttft, 0.9) * 1e3,
-    }
+    return throughput(useful, elapsed, ttft)
 
 
 def run_closed_loop(engine, requests, concurrency: int, tag: str) -> dict:
@@ -148,10 +144,10 @@ def run_closed_loop(engine, requests, concurrency: int, tag: str) -> dict:
         "output_tokens": out_tokens,
         "seconds": elapsed,
         "output_tok_s": out_tokens / elapsed,
-        "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
-        "ttft_p90_ms": pct(ttft, 0.9) * 1e3,
-        "itl_p50_ms": pct(itl, 0.5) * 1e3,
-        "itl_p90_ms": pct(itl, 0.9) * 1e3,
+        "ttft_p50_ms": pct_ms(ttft, 50),
+        "ttft_p90_ms": pct_ms(ttft, 90),
+        "itl_p50_ms": pct_ms(itl, 50),
+        "itl_p90_ms": pct_ms(itl, 90),
     }
 
 

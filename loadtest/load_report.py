@@ -21,6 +21,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
+def pct_ms(seconds: list[float], q: float) -> float:
+    """The q-th percentile (q in [0, 100]) of durations given in seconds, in ms; NaN when empty."""
+    return percentile(sorted(seconds), q) * 1e3 if seconds else float("nan")
+
+
 def _stats_ms(values: list[float]) -> dict[str, float | int | None]:
     if not values:
         return {"n": 0, "mean": None, "p50": None, "p90": None, "p99": None}

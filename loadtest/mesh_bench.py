@@ -23,13 +23,9 @@ import time
 from pathlib import Path
 
 from kvmesh.libs.threads import configure_threads
+from kvmesh.loadtest.load_report import pct_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else float("nan")
 
 
 async def engine_run(llm, tokenizer, prepared, concurrency: int) -> dict:
@@ -67,10 +63,10 @@ async def engine_run(llm, tokenizer, prepared, concurrency: int) -> dict:
     elapsed = time.perf_counter() - start
     return {
         "output_tok_s": tokens / elapsed,
-        "ttft_p50_ms": pct(ttft, 0.5),
-        "ttft_p90_ms": pct(ttft, 0.9),
-        "itl_p50_ms": pct(itl, 0.5),
-        "itl_p90_ms": pct(itl, 0.9),
+        "ttft_p50_ms": pct_ms(ttft, 50),
+        "ttft_p90_ms": pct_ms(ttft, 90),
+        "itl_p50_ms": pct_ms(itl, 50),
+        "itl_p90_ms": pct_ms(itl, 90),
     }
 
 
