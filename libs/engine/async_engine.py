@@ -39,6 +39,14 @@ class _Add:
     params: SamplingParams
     stream: asyncio.Queue
     accepted: asyncio.Future
+    hold_blocks: bool = False
+    before: Callable[[LLMEngine], object] | None = None  # runs in the engine thread first
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    done: asyncio.Future
 
 
 @dataclass(slots=True)
@@ -95,18 +103,33 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
+        before: Callable[[LLMEngine], object] | None = None,
     ) -> asyncio.Queue:
-        """Queue a request; returns the queue its RequestOutputs arrive on."""
+        """Queue a request; returns the queue its RequestOutputs arrive on. `before` runs in the
+        engine thread just ahead of it (e.g. committing pulled KV blocks, so no step runs between)."""
         self.start()
         if self.error is not None or self._stopping:
             raise EngineDeadError("the engine is not running") from self.error
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
+        self._commands.put(_Add(request_id, prompt, params, stream, accepted, hold_blocks, before))
         await accepted
         return stream
+
+    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
+        """Run `fn(engine)` in the engine thread between two steps and return its result."""
+        self.start()
+        if self.error is not None or self._stopping:
+            raise EngineDeadError("the engine is not running") from self.error
+        done = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, done))
+        return await done
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (no-op if it already finished); its blocks are freed on the next step."""
@@ -165,7 +188,9 @@ class AsyncLLM:
                 return
             if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+                    if cmd.before is not None:
+                        cmd.before(self.engine)
+                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.hold_blocks)
                 except Exception as exc:
                     self._loop.call_soon_threadsafe(_settle, cmd.accepted, exc)
                     continue
@@ -173,6 +198,14 @@ class AsyncLLM:
                 self._loop.call_soon_threadsafe(_settle, cmd.accepted, None)
             elif isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
+            elif isinstance(cmd, _Call):
+                try:
+                    result = cmd.fn(self.engine)
+                except Exception as exc:
+                    self._loop.call_soon_threadsafe(_settle, cmd.done, exc)
+                else:
+                    self._loop.call_soon_threadsafe(_settle_value, cmd.done, result)
+                self.stats = self.engine.stats()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         batch = []
@@ -194,6 +227,11 @@ def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(exc)
+
+
+def _settle_value(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_tokenizer
-from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
+from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
 from kvmesh.libs.engine.block_pool import BlockPool
 from kvmesh.libs.engine.config import EngineConfig, parse_dtype
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
@@ -23,6 +23,7 @@ from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob
 from kvmesh.libs.engine.request import FinishReason, Request
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.libs.engine.scheduler import Scheduler
+from kvmesh.libs.engine.transfer_blocks import TransferBlocks
 from kvmesh.schemas.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EngineStats(NamedTuple):
     prefix_hit_tokens: int
     prefix_query_tokens: int
     outstanding_tokens: int  # prompt tokens still to compute + output tokens still to generate
+    num_leased_blocks: int = 0  # pinned for a KV transfer (held after prefill, or reserved for a pull)
 
 
 class LLMEngine:
@@ -73,6 +75,7 @@ class LLMEngine:
         self.hash_seed = hash_seed(config.hash_seed)
         self.extra_keys = encode_extra_keys(self.model_path.name)
         self.requests: dict[str, Request] = {}
+        self.transfers = TransferBlocks(self.pool)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
 
     # -- requests --------------------------------------------------------------------------------
@@ -83,10 +86,9 @@ class LLMEngine:
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return prompt
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
-        """Validate and queue a request. Raises InvalidRequestError naming the bad field."""
-        if request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Check a request without queueing it; returns its prompt token ids. Raises
+        InvalidRequestError naming the bad field."""
         params.validate()
         if not isinstance(prompt, str | list):
             raise InvalidRequestError(
@@ -108,6 +110,20 @@ class LLMEngine:
             raise InvalidRequestError("prompt", f"{len(token_ids)} tokens do not fit in the KV cache")
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need the engine's tokenizer")
+        return token_ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
+    ) -> Request:
+        """Validate and queue a request. Raises InvalidRequestError naming the bad field.
+        `hold_blocks`: when it finishes, keep its blocks pinned (see release_held)."""
+        if request_id in self.requests or request_id in self.transfers.held:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        token_ids = self.validate(prompt, params)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.model.cfg.eos_token_ids)
@@ -118,6 +134,7 @@ class LLMEngine:
             extra_keys=self.extra_keys,
             hash_seed=self.hash_seed,
             stop_token_ids=tuple(sorted(stop_ids)),
+            hold_blocks=hold_blocks,
         )
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self._backend_tokenizer, params.skip_special_tokens)
@@ -175,10 +192,16 @@ class LLMEngine:
             elif reason is not None:
                 text += req.stop_matcher.flush()
         logprobs = [TokenLogprob(token, lp[0], lp[1])] if lp is not None else None
+        held = None
         if reason is not None:
             self.requests.pop(req.request_id, None)
+            if req.hold_blocks:
+                held = self.transfers.hold(req.request_id, req.blocks)
+                req.blocks = []  # the lease owns the references now
             self.scheduler.finish(req, reason)
-        return self._output(req, [token], text, logprobs)
+        out = self._output(req, [token], text, logprobs)
+        out.held_block_ids = held
+        return out
 
     def _output(self, req: Request, tokens: list[int], text: str, logprobs) -> RequestOutput:
         return RequestOutput(
@@ -192,6 +215,20 @@ class LLMEngine:
             num_cached_tokens=max(req.num_cached_tokens, 0),
             new_logprobs=logprobs,
         )
+
+    # -- KV transfer ------------------------------------------------------------------------------
+    def num_cached_prefix_blocks(self, token_ids: list[int]) -> int:
+        """How many leading full blocks of `token_ids` this engine's prefix cache holds now."""
+        hashes = hash_blocks(token_ids, self.config.block_size, self.extra_keys, self.hash_seed)
+        n = 0
+        for h in hashes:
+            if self.pool.lookup(h) is None:
+                break
+            n += 1
+        return n
+
+    def release_held(self, request_id: str) -> bool:
+        return self.transfers.release(request_id)
 
     # -- introspection ----------------------------------------------------------------------------
     def take_kv_events(self) -> list[KVEvent]:
@@ -208,6 +245,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefix_query_tokens=self.scheduler.prefix_query_tokens,
+            num_leased_blocks=self.transfers.num_blocks,
             outstanding_tokens=sum(
                 r.num_tokens - r.num_computed_tokens + r.params.max_tokens - r.num_output_tokens
                 for r in self.requests.values()
@@ -216,7 +254,7 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
-        held = sum(len(r.blocks) for r in self.scheduler.running)
+        held = sum(len(r.blocks) for r in self.scheduler.running) + self.transfers.num_blocks
         in_use = sum(b.ref_cnt for b in self.pool.blocks)
-        assert held == in_use, f"running requests hold {held} block refs, pool counts {in_use}"
+        assert held == in_use, f"requests and leases hold {held} block refs, pool counts {in_use}"
         assert all(not r.blocks for r in self.scheduler.waiting), "a waiting request holds blocks"

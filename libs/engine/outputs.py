@@ -25,6 +25,8 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     new_logprobs: list[TokenLogprob] | None = None
+    # finished with hold_blocks: the request's blocks, still pinned until LLMEngine.release_held()
+    held_block_ids: list[int] | None = None
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ class Request:
     extra_keys: bytes  # block-hash namespace (model, lora, cache salt)
     hash_seed: int
     stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + params.stop_token_ids
+    hold_blocks: bool = False  # on finishing keep the blocks pinned for a KV transfer (prefill role)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
