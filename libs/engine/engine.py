@@ -19,7 +19,7 @@ from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
 from kvmesh.libs.engine.llama import LlamaModel
 from kvmesh.libs.engine.model_runner import ModelRunner
 from kvmesh.libs.engine.model_store import resolve_model
-from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob
+from kvmesh.libs.engine.outputs import RequestOutput, RequestTiming, TokenLogprob
 from kvmesh.libs.engine.request import FinishReason, Request
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.libs.engine.scheduler import Scheduler
@@ -214,6 +214,7 @@ class LLMEngine:
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             new_logprobs=logprobs,
+            timing=_timing(req) if req.is_finished else None,
         )
 
     # -- KV transfer ------------------------------------------------------------------------------
@@ -258,3 +259,13 @@ class LLMEngine:
         in_use = sum(b.ref_cnt for b in self.pool.blocks)
         assert held == in_use, f"requests and leases hold {held} block refs, pool counts {in_use}"
         assert all(not r.blocks for r in self.scheduler.waiting), "a waiting request holds blocks"
+
+
+def _timing(req: Request) -> RequestTiming:
+    return RequestTiming(
+        req.arrival_time,
+        req.first_scheduled_time,
+        req.first_token_time,
+        time.monotonic(),
+        req.num_preemptions,
+    )

@@ -12,6 +12,17 @@ class TokenLogprob(NamedTuple):
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
+class RequestTiming(NamedTuple):
+    """When a finished request went through the engine (time.monotonic() seconds). queue = scheduled -
+    arrival, prefill = first_token - scheduled, decode = finished - first_token (vLLM's phases)."""
+
+    arrival: float  # queued in the engine
+    scheduled: float | None  # first scheduled (None: aborted while waiting)
+    first_token: float | None  # first output token sampled (None: aborted before)
+    finished: float
+    num_preemptions: int
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """One step's news for one request: the tokens and text it produced since the last output."""
@@ -27,6 +38,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     # finished with hold_blocks: the request's blocks, still pinned until LLMEngine.release_held()
     held_block_ids: list[int] | None = None
+    timing: RequestTiming | None = None  # on the final output only
 
 
 @dataclass(slots=True)
