@@ -14,3 +14,24 @@ python - <<'PY'
 from kvmesh.libs.engine.model_store import resolve_model
 print("kvmesh: default model at", resolve_model())
 PY
+# promtool (Prometheus' config and PromQL checker, for tests/deploy): taken out of Debian's
+# prometheus package into the kvmesh cache; the package itself (a daemon) is not installed.
+PROMTOOL_DIR="${KVMESH_CACHE_DIR:-$HOME/.cache/kvmesh}/tools/bin"
+install_promtool() {
+  local tmp
+  tmp=$(mktemp -d) && chmod 777 "$tmp" || return 1  # apt downloads as its own user
+  if ! (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null); then
+    # A fresh machine may have no package lists yet.
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo -n apt-get update -qq; fi || return 1
+    (cd "$tmp" && apt-get download -qq prometheus) || return 1
+  fi
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root" && mkdir -p "$PROMTOOL_DIR" \
+    && cp "$tmp/root/usr/bin/promtool" "$PROMTOOL_DIR/" && rm -rf "$tmp"
+}
+if command -v promtool >/dev/null || [ -x "$PROMTOOL_DIR/promtool" ]; then
+  :
+elif command -v apt-get >/dev/null && install_promtool; then
+  echo "kvmesh: promtool at $PROMTOOL_DIR/promtool"
+else
+  echo "kvmesh: could not install promtool: tests/deploy skip its checks outside CI" >&2
+fi
