@@ -4,7 +4,8 @@
 - strict decoding: a malformed message is logged and dropped (requests get an ErrorReply), a handler
   that raises answers ErrorReply(code="internal"): nothing on the wire can crash a service;
 - W3C trace context travels in NATS headers (OpenTelemetry's propagator; a no-op until a tracer
-  provider is configured);
+  provider is configured); inside a request's trace, requests get a CLIENT span and handlers a SERVER
+  span (libs/tracing.py); every request's latency lands in kvmesh:nats_request_seconds{subject};
 - reconnects forever with backoff; `close()` drains subscriptions so in-flight handlers finish.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,8 +24,10 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
+from kvmesh.libs import tracing
+from kvmesh.libs.metrics import NATS_REQUEST_SECONDS, subject_label
 from kvmesh.schemas.messages import ErrorReply, Message
 
 log = logging.getLogger(__name__)
@@ -114,16 +118,32 @@ class Bus:
         return cls(nc, name)
 
     # -- client side ----------------------------------------------------------------------------
-    async def publish(self, subject: str, msg: Message) -> None:
-        await self.nc.publish(subject, encode(msg), headers=_headers())
+    async def publish(self, subject: str, msg: Message, *, traced: bool = True) -> None:
+        """`traced=False` for per-token traffic: no trace headers to encode and parse per chunk."""
+        await self.nc.publish(subject, encode(msg), headers=_headers() if traced else None)
 
     async def request(self, subject: str, msg: Message, reply_type: type[T], timeout: float = 5.0) -> T:
+        label = subject_label(subject)
+        span = tracing.client_span(label, subject)
+        token = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
+        start = time.perf_counter()
+        error: str | None = None
         try:
             reply = await self.nc.request(subject, encode(msg), timeout=timeout, headers=_headers())
         except NoRespondersError:
-            raise NoResponders(f"no service answers on {subject}") from None
+            error = f"no service answers on {subject}"
+            raise NoResponders(error) from None
         except NatsTimeoutError:
-            raise BusTimeout(f"{subject}: no reply within {timeout:.1f} s") from None
+            error = f"{subject}: no reply within {timeout:.1f} s"
+            raise BusTimeout(error) from None
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            NATS_REQUEST_SECONDS.labels(label).observe(time.perf_counter() - start)
+            if span is not None:
+                otel_context.detach(token)
+                tracing.end_span(span, error)
         try:
             return decode(reply.data, reply_type)
         except msgspec.DecodeError as exc:
@@ -136,6 +156,7 @@ class Bus:
         """Answer requests on `subject` with handler(decoded, raw) -> reply. Replicas sharing `queue`
         split the requests. A message that is not a valid `request_type` is dropped (and answered
         with ErrorReply if it expects a reply)."""
+        label = subject_label(subject)
 
         async def cb(raw: Msg) -> None:
             try:
@@ -146,7 +167,12 @@ class Bus:
                     raw, ErrorReply(code="invalid_request", message=f"malformed message: {exc}")
                 )
                 return
-            token = otel_context.attach(context_of(raw))
+            ctx = context_of(raw)
+            span = tracing.server_span(label, raw.subject, ctx)
+            if span is not None:
+                ctx = trace.set_span_in_context(span, ctx)
+            token = otel_context.attach(ctx)
+            error: str | None = None
             try:
                 reply = await handler(req, raw)
             except Exception as exc:
@@ -154,6 +180,11 @@ class Bus:
                 reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}")
             finally:
                 otel_context.detach(token)
+            if span is not None:
+                if isinstance(reply, ErrorReply):
+                    span.set_attribute(tracing.ERROR_CODE, reply.code)
+                    error = f"{reply.code}: {reply.message}"
+                tracing.end_span(span, error)
             if reply is not None:
                 await self._reply(raw, reply)
 

@@ -76,6 +76,8 @@ def _up(args: argparse.Namespace) -> int:
             print(f"kvmesh: starting {args.workers} worker(s); NATS {mesh.nats_url}", flush=True)
             mesh.wait_ready(timeout=args.ready_timeout)
             print(f"kvmesh: ready. OpenAI API at {mesh.base_url}/v1  (Ctrl-C stops)", flush=True)
+            for name, url in mesh.metrics_urls.items():
+                print(f"kvmesh:   {name:<10} metrics {url}", flush=True)
             while True:
                 for p in mesh.procs:
                     if p.popen.poll() is not None:

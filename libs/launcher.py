@@ -118,6 +118,8 @@ class MeshConfig:
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # None: children inherit stdout/stderr
     log_level: str = "INFO"
+    metrics: bool = True  # each service's /metrics and /health on a free port (the gateway: its own)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. OTEL_*) for every service
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Mesh:
         self.redis_url = config.redis_url or ""
         self.gateway_port = config.gateway_port or free_port()
         self.worker_ids: list[str] = []
+        self.metrics_urls: dict[str, str] = {}  # process name -> its /metrics URL
 
     @property
     def base_url(self) -> str:
@@ -150,6 +153,16 @@ class Mesh:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self._log_file(name)
         full_env = {**os.environ, **(env or {})}
+        # One OTEL_SERVICE_NAME for every process would merge them all into one service.
+        full_env.pop("OTEL_SERVICE_NAME", None)
+        full_env.update(self.config.env)
+        if name not in INFRA:
+            if name == "gateway":
+                self.metrics_urls[name] = f"{self.base_url}/metrics"
+            elif self.config.metrics:
+                port = free_port()
+                full_env |= {"KVMESH_METRICS_PORT": str(port), "KVMESH_METRICS_HOST": "127.0.0.1"}
+                self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=full_env)
         proc = Proc(name, popen, log)
         self.procs.append(proc)

@@ -1,5 +1,5 @@
 """What every service process shares: logging, config from flags with env fallbacks, the run loop
-(uvloop, SIGTERM/SIGINT -> graceful stop)."""
+(uvloop, SIGTERM/SIGINT -> graceful stop), the metrics/health endpoint (libs/metrics_server.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,19 @@ def env_default(name: str, default: Any) -> Any:
     return type(default)(raw)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, metrics_port: bool = True) -> None:
+    """`metrics_port=False` for a service that serves /metrics on its own HTTP port (the gateway)."""
     parser.add_argument("--nats-url", default=env_default("KVMESH_NATS_URL", "nats://127.0.0.1:4222"))
     parser.add_argument("--model", default=env_default("KVMESH_MODEL", "SmolLM2-135M-Instruct"))
     parser.add_argument("--log-level", default=env_default("KVMESH_LOG_LEVEL", "INFO"))
+    if metrics_port:
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=env_default("KVMESH_METRICS_PORT", 0),
+            help="serve GET /metrics and /health on this port (0: off)",
+        )
+        parser.add_argument("--metrics-host", default=env_default("KVMESH_METRICS_HOST", "0.0.0.0"))
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:
@@ -54,16 +63,29 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(wrapper())
 
 
-def serve_on_bus(nats_url: str, name: str, attach: Callable[[Any], Awaitable[None]]) -> None:
-    """The whole life of a simple service: connect, `attach(bus)` its handlers, serve until SIGTERM,
+def serve_on_bus(
+    nats_url: str,
+    name: str,
+    attach: Callable[[Any], Awaitable[None]],
+    metrics_port: int = 0,
+    metrics_host: str = "0.0.0.0",
+) -> None:
+    """The whole life of a simple service: start its metrics endpoint (unless `metrics_port` is 0),
+    connect, `attach(bus)` its handlers (from then on /health answers 200), serve until SIGTERM,
     then drain."""
 
     async def main(stop: asyncio.Event) -> None:
         from kvmesh.libs.bus import Bus
+        from kvmesh.libs.metrics_server import start_metrics_server
 
+        metrics = await start_metrics_server(metrics_port, metrics_host)
         bus = await Bus.connect(nats_url, name)
         await attach(bus)
+        if metrics is not None:
+            metrics.attached(bus)
         await stop.wait()
         await bus.close()
+        if metrics is not None:
+            await metrics.close()
 
     run(main)
