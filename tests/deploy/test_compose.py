@@ -59,6 +59,8 @@ def test_the_whole_mesh_and_its_infrastructure(compose, services):
     assert roles["decode-worker"][-2:] == ["--role", "decode"]
     assert roles["worker"][-2:] == ["--role", "aggregated"]
     assert services["decode-worker"]["environment"]["KVMESH_WORKER_ROLE"] == "decode"
+    for name in ("prefill-worker", "decode-worker", "worker"):
+        assert services[name]["environment"]["UCX_NET_DEVICES"] == "all", f"{name}: NIXL across containers"
 
 
 def test_scaled_services_have_no_fixed_host_port_or_container_name(services):

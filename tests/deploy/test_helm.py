@@ -123,12 +123,14 @@ def test_pods_have_probes_resources_config_and_tracing(everything_docs):
         port = 8000 if name == "gateway" else 9400
         assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}, name
         assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": port}, name
-        assert container["livenessProbe"]["tcpSocket"] == {"port": port}, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": port}, name
         assert {"cpu", "memory"} <= set(container["resources"]["requests"]), name
         assert {"cpu", "memory"} <= set(container["resources"]["limits"]), name
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["OTEL_SERVICE_NAME"] == f"kvmesh-{name}", name
         assert int(env["KVMESH_THREADS"]) >= 1, name
+        if "worker" in name and name != "sim-worker":
+            assert env["UCX_NET_DEVICES"] == "all", f"{name}: NIXL must reach other pods"
         assert container["envFrom"] == [{"configMapRef": {"name": "demo-kvmesh-config"}}], name
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(port), name

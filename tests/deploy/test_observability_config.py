@@ -76,6 +76,20 @@ def test_dashboard_uses_only_the_shared_metric_names(contract_metrics):
     assert used == contract_metrics, f"not on the dashboard: {contract_metrics - used}"
 
 
+def test_the_services_export_every_contract_name(contract_metrics):
+    """The other side of the contract: kvmesh.libs.metrics registers every name the dashboard uses
+    (counters appear with their _total suffix, as Prometheus stores them)."""
+    pytest.importorskip("kvmesh.libs.metrics")
+    from prometheus_client import REGISTRY, generate_latest
+
+    exported = {
+        line.split()[2]
+        for line in generate_latest(REGISTRY).decode().splitlines()
+        if line.startswith("# TYPE")
+    }
+    assert contract_metrics <= exported, f"not exported: {contract_metrics - exported}"
+
+
 def test_latency_panels_are_percentiles_of_histogram_buckets():
     for title, expr in queries(dashboard()):
         for quantile_of in re.findall(r"histogram_quantile\(([^,]+),", expr):
