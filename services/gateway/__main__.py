@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     config = GatewayConfig.from_args(argv)
     configure_threads(1)  # before anything imports torch; the gateway computes nothing heavy
     setup_logging("gateway", config.log_level)
+    from kvmesh.libs.tracing import setup_tracing
+
+    setup_tracing("gateway")
     import uvicorn
     from tokenizers import Tokenizer
 

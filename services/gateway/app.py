@@ -32,6 +32,7 @@ from kvmesh.services.gateway.openai_protocol import (
 )
 from kvmesh.services.gateway.params import Timeouts
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
+from kvmesh.services.gateway.telemetry import GatewayTelemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +89,8 @@ def create_app(
     texts = TokenTexts(tokenizer)
     app = FastAPI(title="kvmesh gateway", summary="OpenAI-compatible API of the kvmesh serving mesh")
     _install_error_handlers(app)
+    telemetry = GatewayTelemetry(served.name)
+    telemetry.install(app)  # GET /metrics, requests counted by status
 
     def check_model(name: str | None) -> None:
         if not served.accepts(name):
@@ -108,19 +111,28 @@ def create_app(
             texts if params.logprobs is not None else None,
             body.include_usage,
         )
-        if body.stream:
-            # Started before the response: failures up to the worker's acceptance keep their status.
-            running = await generator.start(shaper.request_id, prompt, params)
-            return SSEResponse(sse_stream(shaper, running.outputs()), on_close=running.close)
+        observed = telemetry.request(shaper.request_id, request.url.path, body.stream)  # the trace's root
+        try:
+            if body.stream:
+                # Started before the response: failures up to the worker's acceptance keep their status.
+                running = await observed.start(generator, shaper.request_id, prompt, params)
+                outputs = observed.observe(running.outputs())
+                return SSEResponse(sse_stream(shaper, outputs), on_close=observed.closing(running.close))
 
-        async def whole() -> dict[str, Any]:
-            running = await generator.start(shaper.request_id, prompt, params)
-            try:
-                return shaper.response(*await running.collect())
-            finally:
-                await running.close()
+            async def whole() -> dict[str, Any]:
+                running = await observed.start(generator, shaper.request_id, prompt, params)
+                try:
+                    text, logprobs, reason, usage = await running.collect()
+                    observed.finish(reason, usage)
+                    return shaper.response(text, logprobs, reason, usage)
+                finally:
+                    await running.close()
 
-        result = await _unless_disconnected(request, whole())
+            result = await _unless_disconnected(request, whole())
+        except Exception as exc:
+            observed.fail(exc)
+            raise
+        observed.end()  # no-op once finished; else the client left
         if result is None:
             log.info("%s: client disconnected; aborted", shaper.request_id)
             return Response(status_code=CLIENT_CLOSED_REQUEST)

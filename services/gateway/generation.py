@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from nats.aio.subscription import Subscription
@@ -243,6 +243,7 @@ class RunningRequest:
         self._text_len = 0  # characters detokenized so far (before stop-string cuts): text_offset
         self._done = False  # the worker has finished, or has been told to abort
         self._closed = False
+        self.on_tokens: Callable[[int], None] | None = None  # telemetry: a chunk of n tokens arrived
 
     async def outputs(self) -> AsyncIterator[GenerationOutput]:
         """Text deltas (never empty) and then exactly one final output; raises GatewayError."""
@@ -256,6 +257,8 @@ class RunningRequest:
                         f"worker {self.worker_id}'s stream skipped from token {self._num_output} "
                         f"to {msg.first_index}"
                     )
+                if self.on_tokens is not None:
+                    self.on_tokens(len(msg.token_ids))
                 text, logprobs, stopped = self._consume(msg)
                 if stopped:
                     finished = await self._abort_and_wait()

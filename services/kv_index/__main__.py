@@ -19,21 +19,29 @@ def main() -> None:
     from kvmesh.libs.bus import Bus
     from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
     from kvmesh.libs.engine.model_store import resolve_model
+    from kvmesh.libs.metrics_server import start_metrics_server
+    from kvmesh.libs.tracing import setup_tracing
     from kvmesh.services.kv_index.index import KVIndex
     from kvmesh.services.kv_index.service import KVIndexService
 
     extra = encode_extra_keys(resolve_model(args.model).name)  # the namespace the tokenizer hashes in
+    setup_tracing("kv-index")
 
     async def serve(stop: asyncio.Event) -> None:
+        metrics = await start_metrics_server(args.metrics_port, args.metrics_host)
         redis = Redis.from_url(args.redis_url)
         service = KVIndexService(KVIndex(redis, extra, hash_seed(None)))
         bus = await Bus.connect(args.nats_url, "kv-index")
         await service.attach(bus)
+        if metrics is not None:
+            metrics.attached(bus)
         expiry = asyncio.create_task(service.expiry_loop(stop))
         await stop.wait()
         await expiry
         await bus.close()
         await redis.aclose()
+        if metrics is not None:
+            await metrics.close()
 
     run(serve)
 

@@ -12,10 +12,13 @@ def main() -> None:
     add_common_args(parser)
     args = parser.parse_args()
     setup_logging("router", args.log_level)
+    from kvmesh.libs.metrics import model_label
+    from kvmesh.libs.tracing import setup_tracing
     from kvmesh.services.router.service import RouterConfig, RouterService
 
-    service = RouterService(RouterConfig(nats_url=args.nats_url))
-    serve_on_bus(args.nats_url, "router", service.attach)
+    setup_tracing("router")
+    service = RouterService(RouterConfig(nats_url=args.nats_url, model_name=model_label(args.model)))
+    serve_on_bus(args.nats_url, "router", service.attach, args.metrics_port, args.metrics_host)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvmesh.libs.bus import Bus, BusError
+from kvmesh.libs.metrics import RouterMetrics
 from kvmesh.schemas.messages import (
     ErrorReply,
     Heartbeat,
@@ -22,6 +24,7 @@ from kvmesh.schemas.messages import (
     Subjects,
 )
 from kvmesh.services.router.scoring import KVAwareScorer, Scorer
+from kvmesh.services.router.telemetry import trace_decision
 from kvmesh.services.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class RouterConfig:
     nats_url: str
     seed: int | None = None
     overlap_timeout_s: float = 0.05  # a slow index must not slow routing: fall back to load
+    model_name: str = ""  # the model_name label of the router's metrics
 
 
 class RouterService:
@@ -47,6 +51,7 @@ class RouterService:
         self.available_hit_tokens = 0  # ... on the best worker for reuse (the oracle of this moment)
         self.index_ok = True
         self.bus: Bus | None = None
+        self.metrics = RouterMetrics(config.model_name)
 
     async def overlap(self, req: RouteRequest) -> dict[str, int]:
         if not req.block_hashes or self.bus is None:
@@ -92,9 +97,12 @@ class RouterService:
         cached = min(overlap.get(wid, 0) * block, req.num_tokens)
         # the work this request adds there until the next heartbeat reports it: uncached prefill + decode
         choice.assigned_tokens += req.num_tokens - cached + req.max_tokens
+        available = min(max(overlap.values(), default=0) * block, req.num_tokens)
         self.decisions[reason] = self.decisions.get(reason, 0) + 1
         self.hit_tokens += cached
-        self.available_hit_tokens += min(max(overlap.values(), default=0) * block, req.num_tokens)
+        self.available_hit_tokens += available
+        self.metrics.decision(reason, cached, available)
+        trace_decision(wid, reason, choice_score.value, cached, available, overlap, scored)
         if req.session_id:
             self.sessions[req.session_id] = wid
             self.sessions.move_to_end(req.session_id)
@@ -113,7 +121,11 @@ class RouterService:
         self.bus = bus
 
         async def on_route(req: RouteRequest, _raw) -> RouteReply | ErrorReply:
-            return await self.route(req)
+            start = time.perf_counter()
+            try:
+                return await self.route(req)
+            finally:
+                self.metrics.decision_seconds.observe(time.perf_counter() - start)
 
         async def on_beat(hb: Heartbeat, _raw) -> None:
             self.registry.beat(hb)

@@ -6,6 +6,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import trace
+
+from kvmesh.libs import tracing
 from kvmesh.libs.bus import Bus
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
 from kvmesh.schemas.messages import (
@@ -82,7 +85,18 @@ class TokenizerService:
 
     async def attach(self, bus: Bus) -> None:
         async def on_encode(req: EncodeRequest, _raw) -> EncodeReply | ErrorReply:
-            return self.encode(req)
+            reply = self.encode(req)
+            span = trace.get_current_span()  # the bus's SERVER span, when the request is traced
+            if span.is_recording() and isinstance(reply, EncodeReply):
+                span.set_attributes(
+                    {
+                        tracing.REQUEST_ID: req.request_id,
+                        tracing.PROMPT_TOKENS: len(reply.token_ids),
+                        "kvmesh.tokenizer.num_blocks": len(reply.block_hashes),
+                        "kvmesh.tokenizer.chat": req.messages is not None,
+                    }
+                )
+            return reply
 
         async def on_detokenize(req: DetokenizeRequest, _raw) -> DetokenizeReply | ErrorReply:
             return self.detokenize(req)

@@ -37,6 +37,8 @@ def main() -> None:
     from kvmesh.libs.engine.async_engine import AsyncLLM
     from kvmesh.libs.engine.config import EngineConfig
     from kvmesh.libs.engine.engine import LLMEngine
+    from kvmesh.libs.metrics_server import start_metrics_server
+    from kvmesh.libs.tracing import setup_tracing
     from kvmesh.services.worker.kv_events import KVEventPublisher
     from kvmesh.services.worker.service import WorkerConfig, WorkerService
 
@@ -57,7 +59,10 @@ def main() -> None:
         heartbeat_interval_s=args.heartbeat_interval,
     )
 
+    setup_tracing("worker", worker_id)
+
     async def serve(stop: asyncio.Event) -> None:
+        metrics = await start_metrics_server(args.metrics_port, args.metrics_host)  # 503 until attached
         # The engine is built inside its own thread: see async_engine.py on OpenMP thread counts.
         llm = AsyncLLM(lambda: LLMEngine(engine_config, load_tokenizer=False))
         await llm.ready()
@@ -66,6 +71,8 @@ def main() -> None:
         await service.attach(bus)
         events = KVEventPublisher(bus, worker_id, llm.take_kv_events)
         await events.start()
+        if metrics is not None:
+            metrics.attached(bus)
         tasks = [asyncio.create_task(service.heartbeat_loop(stop)), asyncio.create_task(events.run(stop))]
         await stop.wait()
         aborted = await service.drain(args.drain_timeout)
@@ -74,6 +81,8 @@ def main() -> None:
         await asyncio.gather(*tasks)
         await bus.close()
         llm.shutdown()
+        if metrics is not None:
+            await metrics.close()
 
     run(serve)
 

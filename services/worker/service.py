@@ -14,6 +14,7 @@ from kvmesh.libs.engine.async_engine import AsyncLLM
 from kvmesh.libs.engine.engine import EngineStats
 from kvmesh.libs.engine.outputs import RequestOutput
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.libs.metrics import WORKER_STATS
 from kvmesh.schemas.messages import (
     AbortRequest,
     ErrorReply,
@@ -27,6 +28,7 @@ from kvmesh.schemas.messages import (
     TokenLogprobs,
     WorkerStats,
 )
+from kvmesh.services.worker.telemetry import RequestTelemetry, WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class WorkerService:
         self.bus: Bus | None = None
         self._pumps: dict[str, asyncio.Task] = {}
         self._generate_sub = None
+        engine = llm.engine
+        block_size = engine.config.block_size if engine is not None else 16
+        self.telemetry = WorkerTelemetry(config.model, config.worker_id, block_size)
 
     def stats(self) -> WorkerStats:
         s: EngineStats = self.llm.stats
@@ -83,29 +88,38 @@ class WorkerService:
     async def generate(self, req: GenerateRequest) -> GenerateAccepted | ErrorReply:
         if req.request_id in self._pumps:
             return ErrorReply(code="invalid_request", message=f"duplicate request id {req.request_id}")
+        telemetry = self.telemetry.start(req)
         try:
             params = to_params(req)
             stream = await self.llm.add_request(req.request_id, req.token_ids, params)
-        except InvalidRequestError as exc:
+        except BaseException as exc:
+            telemetry.fail(exc)
+            if not isinstance(exc, InvalidRequestError):
+                raise
             code = (
                 "prompt_too_long" if "context" in str(exc) or "do not fit" in str(exc) else "invalid_request"
             )
             return ErrorReply(code=code, message=str(exc), field=exc.field)
-        self._pumps[req.request_id] = asyncio.create_task(self._pump(req, stream))
+        self._pumps[req.request_id] = asyncio.create_task(self._pump(req, stream, telemetry))
         return GenerateAccepted(worker_id=self.config.worker_id)
 
-    async def _pump(self, req: GenerateRequest, stream: asyncio.Queue) -> None:
-        """Forward the engine's outputs for one request to its stream subject."""
+    async def _pump(self, req: GenerateRequest, stream: asyncio.Queue, telemetry: RequestTelemetry) -> None:
+        """Forward the engine's outputs for one request to its stream subject (no trace headers on
+        the per-token path: the request's span lives here, not in the messages)."""
         assert self.bus is not None
         subject = req.stream_subject
         try:
             while True:
                 out = await stream.get()
                 if isinstance(out, BaseException):
-                    await self.bus.publish(subject, ErrorReply(code="internal", message=str(out)))
+                    telemetry.fail(out)
+                    await self.bus.publish(
+                        subject, ErrorReply(code="internal", message=str(out)), traced=False
+                    )
                     return
+                telemetry.output(out)
                 if out.new_token_ids:
-                    await self.bus.publish(subject, _chunk(out))
+                    await self.bus.publish(subject, _chunk(out), traced=False)
                 if out.finished:
                     await self.bus.publish(
                         subject,
@@ -115,10 +129,12 @@ class WorkerService:
                             num_output_tokens=out.num_output_tokens,
                             num_cached_tokens=out.num_cached_tokens,
                         ),
+                        traced=False,
                     )
                     return
-        except Exception:
+        except Exception as exc:
             log.exception("stream of %s failed; aborting it", req.request_id)
+            telemetry.fail(exc)
             self.llm.abort(req.request_id)
         finally:
             self._pumps.pop(req.request_id, None)
@@ -141,6 +157,7 @@ class WorkerService:
         self.bus = bus
         self.llm.start()
         wid = self.config.worker_id
+        WORKER_STATS.add(wid, self.stats)  # vLLM's state gauges, read at scrape time
 
         async def on_generate(req: GenerateRequest, _raw) -> GenerateAccepted | ErrorReply:
             return await self.generate(req)

@@ -1,0 +1,43 @@
+"""What a routing decision puts on the request's trace (the `kvmesh.router.route` SERVER span the
+bus opened for it): the chosen worker, why, its score, the prefix reuse achieved and available, and
+the best-scored candidates with their scores and cached blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+
+from kvmesh.libs import tracing
+
+MAX_CANDIDATES = 16  # a span is no place for hundreds of workers: the best ones tell the story
+
+
+def trace_decision(
+    worker_id: str,
+    reason: str,
+    score: float,
+    cached_tokens: int,
+    available_tokens: int,
+    overlap: dict[str, int],
+    scored: Sequence[tuple[Any, Any]],  # (Score, WorkerInfo)
+) -> None:
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    best = sorted(scored, key=lambda sw: sw[0].value)[:MAX_CANDIDATES]
+    ids = [w.stats.worker_id for _, w in best]
+    span.set_attributes(
+        {
+            tracing.WORKER_ID: worker_id,
+            "kvmesh.router.reason": reason,
+            "kvmesh.router.score": float(score),
+            tracing.CACHED_TOKENS: cached_tokens,
+            "kvmesh.router.available_cached_tokens": available_tokens,
+            "kvmesh.router.num_candidates": len(scored),
+            "kvmesh.router.candidates": ids,
+            "kvmesh.router.scores": [float(s.value) for s, _ in best],
+            "kvmesh.router.overlap_blocks": [overlap.get(w, 0) for w in ids],
+        }
+    )
