@@ -107,6 +107,9 @@ class SamplingOptions(Message):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    # A migrated request: the last `resumed_tokens` prompt tokens are its own earlier output (max_tokens
+    # and min_tokens count what is left); a seeded sampler skips the draws those tokens used.
+    resumed_tokens: int = 0
 
 
 class GenerateRequest(Message, tag=_tag("GenerateRequest")):
@@ -172,6 +175,20 @@ class Finished(Message, tag=_tag("Finished")):
     num_cached_tokens: int
 
 
+# --- request liveness: kvmesh.worker.<id>.status ---------------------------------------------------------
+
+
+class RequestStatusQuery(Message, tag=_tag("RequestStatusQuery")):
+    """Asked by the gateway when a request's stream has gone silent: is it still yours?"""
+
+    request_id: str
+
+
+class RequestStatusReply(Message, tag=_tag("RequestStatusReply")):
+    # False: never had it, or has finished it (a restarted worker, a lost Finished): the asker moves it
+    running: bool
+
+
 StreamMessage = TokenChunk | Finished | ErrorReply
 EncodeResult = EncodeReply | ErrorReply
 DetokenizeResult = DetokenizeReply | ErrorReply
@@ -234,4 +251,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     OverlapReply,
     RouterHealthRequest,
     RouterHealth,
+    RequestStatusQuery,
+    RequestStatusReply,
 )

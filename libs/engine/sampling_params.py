@@ -28,6 +28,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1
+    # A resumed (migrated) request: the prompt ends with this many tokens of its own earlier output;
+    # a seeded generator skips the draws they used, so sampling continues where it left off.
+    resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +79,11 @@ class SamplingParams:
             f"must be -1, 0 (disabled) or >= 1, got {self.top_k!r}",
         )
         check(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        check(
+            is_int(self.resumed_tokens) and self.resumed_tokens >= 0,
+            "resumed_tokens",
+            f"must be >= 0, got {self.resumed_tokens!r}",
+        )
         stop_ok = (
             self.stop is None
             or isinstance(self.stop, str)

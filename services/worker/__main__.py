@@ -29,6 +29,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=env_default("KVMESH_THREADS", 0))
     parser.add_argument("--drain-timeout", type=float, default=env_default("KVMESH_DRAIN_TIMEOUT_S", 30.0))
     parser.add_argument("--heartbeat-interval", type=float, default=env_default("KVMESH_HEARTBEAT_S", 1.0))
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=env_default("KVMESH_MAX_WAITING", 64),
+        help="accepted requests waiting to run; beyond, new ones are refused as overloaded (0: no bound)",
+    )
     args = parser.parse_args()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     setup_logging(f"worker[{worker_id}]", args.log_level)
@@ -57,6 +63,7 @@ def main() -> None:
         worker_id=worker_id,
         model=args.model,
         heartbeat_interval_s=args.heartbeat_interval,
+        max_waiting=args.max_waiting,
     )
 
     setup_tracing("worker", worker_id)

@@ -22,6 +22,8 @@ from kvmesh.schemas.messages import (
     GenerateAccepted,
     GenerateRequest,
     Heartbeat,
+    RequestStatusQuery,
+    RequestStatusReply,
     StatsRequest,
     Subjects,
     TokenChunk,
@@ -40,6 +42,7 @@ class WorkerConfig:
     model: str
     role: str = "aggregated"
     heartbeat_interval_s: float = 1.0
+    max_waiting: int = 64  # accepted requests not running yet; beyond, generate answers "overloaded"
 
 
 def to_params(req: GenerateRequest) -> SamplingParams:
@@ -54,6 +57,7 @@ def to_params(req: GenerateRequest) -> SamplingParams:
         stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         logprobs=s.logprobs,
+        resumed_tokens=s.resumed_tokens,
     )
 
 
@@ -88,6 +92,9 @@ class WorkerService:
     async def generate(self, req: GenerateRequest) -> GenerateAccepted | ErrorReply:
         if req.request_id in self._pumps:
             return ErrorReply(code="invalid_request", message=f"duplicate request id {req.request_id}")
+        if self.num_waiting() >= self.config.max_waiting > 0:
+            # a bounded queue: the gateway tries another worker, or tells its client to retry later
+            return ErrorReply(code="overloaded", message=f"{self.num_waiting()} requests already waiting")
         telemetry = self.telemetry.start(req)
         try:
             params = to_params(req)
@@ -168,9 +175,19 @@ class WorkerService:
         async def on_stats(_req: StatsRequest, _raw) -> WorkerStats:
             return self.stats()
 
+        async def on_status(req: RequestStatusQuery, _raw) -> RequestStatusReply:
+            return RequestStatusReply(running=req.request_id in self._pumps)
+
         self._generate_sub = await bus.serve(Subjects.worker(wid, "generate"), GenerateRequest, on_generate)
         await bus.serve(Subjects.worker(wid, "abort"), AbortRequest, on_abort)
         await bus.serve(Subjects.worker(wid, "stats"), StatsRequest, on_stats)
+        await bus.serve(Subjects.worker(wid, "status"), RequestStatusQuery, on_status)
+
+    def num_waiting(self) -> int:
+        """Accepted requests not running yet. The engine's stats lag a step behind, so count the
+        streams (one per accepted request) beyond those it last reported running."""
+        s = self.llm.stats
+        return max(len(self._pumps) - s.num_running, s.num_waiting) if s is not None else len(self._pumps)
 
     async def drain(self, timeout_s: float) -> int:
         """Graceful stop: take no new requests (the gateway retries them elsewhere), let the running
