@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from kvmesh.libs.bus import Bus
+from kvmesh.services.gateway.admission import InflightLimit
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.generation import Generator
@@ -30,8 +31,9 @@ from kvmesh.services.gateway.openai_protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from kvmesh.services.gateway.params import Timeouts
+from kvmesh.services.gateway.params import Limits, Timeouts
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
+from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
 from kvmesh.services.gateway.telemetry import GatewayTelemetry
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,17 @@ class SSEResponse(StreamingResponse):
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self.after_close: list[Callable[[], None]] = []  # run last, whatever happened (admission slot)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await asyncio.shield(self._on_close())
+            try:
+                await asyncio.shield(self._on_close())
+            finally:
+                for fn in self.after_close:
+                    fn()
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
@@ -84,11 +91,24 @@ def create_app(
 
         model = ServedModel.load(config, resolve_model(config.model))
     served = model
-    timeouts = Timeouts(bus=config.bus_timeout, token=config.token_timeout, request=config.request_timeout)
-    generator = Generator(bus, tokenizer, served.max_model_len, timeouts)
+    timeouts = Timeouts(
+        bus=config.bus_timeout,
+        token=config.token_timeout,
+        request=config.request_timeout,
+        first_token=config.first_token_timeout,
+        liveness=config.liveness_interval,
+        probe=config.probe_timeout,
+    )
+    limits = Limits(config.max_prompt_tokens, config.max_tokens_cap, config.max_migrations)
+    generator = Generator(bus, tokenizer, served.max_model_len, timeouts, limits)
+    admission = InflightLimit(config.max_inflight)
     texts = TokenTexts(tokenizer)
     app = FastAPI(title="kvmesh gateway", summary="OpenAI-compatible API of the kvmesh serving mesh")
     _install_error_handlers(app)
+    app.state.admission = admission
+    # Pure ASGI, the last added runs first: authentication, then the body-size limit.
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
     telemetry = GatewayTelemetry(served.name)
     telemetry.install(app)  # GET /metrics, requests counted by status
 
@@ -97,6 +117,25 @@ def create_app(
             raise GatewayError.model_not_found(name or "")
 
     async def complete(
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        shaper_type: type[ChatShaper | CompletionShaper],
+        id_prefix: str,
+    ) -> Response:
+        """Within the gateway's in-flight bound (429 beyond it), held until the response has ended."""
+        admission.acquire()
+        try:
+            response = await run_completion(request, body, shaper_type, id_prefix)
+        except BaseException:
+            admission.release()
+            raise
+        if isinstance(response, SSEResponse):
+            response.after_close.append(admission.release)
+        else:
+            admission.release()
+        return response
+
+    async def run_completion(
         request: Request,
         body: ChatCompletionRequest | CompletionRequest,
         shaper_type: type[ChatShaper | CompletionShaper],
@@ -183,7 +222,7 @@ def create_app(
 
 
 def _error_response(exc: GatewayError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.libs.service import add_common_args, env_default
@@ -20,8 +21,20 @@ class GatewayConfig:
     served_model_name: str | None = None  # None: the model's name (its folder name for a path)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     request_timeout: float = 600.0  # seconds from arrival to the last token
-    token_timeout: float = 120.0  # longest silence between tokens (or before the first) on a stream
+    first_token_timeout: float = 120.0  # seconds from arrival to the first token
+    token_timeout: float = 120.0  # longest silence between two tokens on a stream
     bus_timeout: float = 10.0  # one NATS request to the tokenizer, router or a worker
+    # Request migration: a stream silent this long makes the gateway ask its worker whether it still
+    # holds the request; no responder, "no" or no answer within probe_timeout moves the request.
+    liveness_interval: float = 1.0
+    probe_timeout: float = 2.0
+    max_migrations: int = 3  # moves per request (worker deaths it survives)
+    # Admission and limits (0: unbounded / the model's context)
+    max_inflight: int = 256  # generation requests in the gateway at once; beyond: 429
+    max_body_bytes: int = 1 << 20  # beyond: 413
+    max_prompt_tokens: int = 0  # beyond: 400
+    max_tokens_cap: int = 0  # larger max_tokens: 400; also the default when max_tokens is left out
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication
     log_level: str = "INFO"
 
     @classmethod
@@ -42,23 +55,24 @@ class GatewayConfig:
             default=env_default("KVMESH_MAX_MODEL_LEN", 0),
             help="context length in tokens (0: the model's max_position_embeddings)",
         )
+        # numeric knobs: flag --x-y, env KVMESH_GATEWAY_X_Y, the field's type and default
+        for name in (*_POSITIVE, *_NON_NEGATIVE):
+            default = getattr(d, name)
+            flag, env = "--" + name.replace("_", "-"), "KVMESH_GATEWAY_" + name.upper()
+            p.add_argument(flag, type=type(default), default=env_default(env, default))
         p.add_argument(
-            "--request-timeout",
-            type=float,
-            default=env_default("KVMESH_GATEWAY_REQUEST_TIMEOUT", d.request_timeout),
-        )
-        p.add_argument(
-            "--token-timeout",
-            type=float,
-            default=env_default("KVMESH_GATEWAY_TOKEN_TIMEOUT", d.token_timeout),
-        )
-        p.add_argument(
-            "--bus-timeout", type=float, default=env_default("KVMESH_GATEWAY_BUS_TIMEOUT", d.bus_timeout)
+            "--api-keys-file",
+            default=env_default("KVMESH_API_KEYS_FILE", None),
+            help="a file with one API key per line (KVMESH_API_KEYS: comma-separated keys)",
         )
         a = p.parse_args(argv)
-        for name in ("request_timeout", "token_timeout", "bus_timeout"):
+        for name in _POSITIVE:
             if getattr(a, name) <= 0:
                 p.error(f"--{name.replace('_', '-')} must be > 0")
+        for name in _NON_NEGATIVE:
+            if getattr(a, name) < 0:
+                p.error(f"--{name.replace('_', '-')} must be >= 0")
+        numbers = {name: getattr(a, name) for name in (*_POSITIVE, *_NON_NEGATIVE)}
         return cls(
             nats_url=a.nats_url,
             host=a.host,
@@ -66,11 +80,32 @@ class GatewayConfig:
             model=a.model,
             served_model_name=a.served_model_name or None,
             max_model_len=a.max_model_len or None,
-            request_timeout=a.request_timeout,
-            token_timeout=a.token_timeout,
-            bus_timeout=a.bus_timeout,
+            **numbers,
+            api_keys=load_api_keys(os.environ.get("KVMESH_API_KEYS", ""), a.api_keys_file),
             log_level=a.log_level,
         )
+
+
+_POSITIVE = (
+    "request_timeout",
+    "first_token_timeout",
+    "token_timeout",
+    "bus_timeout",
+    "liveness_interval",
+    "probe_timeout",
+)
+_NON_NEGATIVE = ("max_migrations", "max_inflight", "max_body_bytes", "max_prompt_tokens", "max_tokens_cap")
+
+
+def load_api_keys(env_value: str, path: str | None) -> tuple[str, ...]:
+    """Keys from a comma-separated string (KVMESH_API_KEYS) and a file of one key per line (`#` starts a
+    comment). Keys are taken from the environment or a file only, never from flags: a flag's value is
+    visible to every user of the machine in `ps`."""
+    keys = [k.strip() for k in env_value.split(",")]
+    if path:
+        for line in Path(path).read_text().splitlines():
+            keys.append(line.split("#", 1)[0].strip())
+    return tuple(dict.fromkeys(k for k in keys if k))
 
 
 @dataclass(frozen=True, slots=True)

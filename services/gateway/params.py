@@ -40,9 +40,23 @@ class GenerationParams:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    bus: float = 10.0
-    token: float = 120.0
-    request: float = 600.0
+    """Seconds; see GatewayConfig for what each bounds."""
+
+    bus: float = 10.0  # one NATS request
+    token: float = 120.0  # silence between two tokens
+    request: float = 600.0  # arrival to the last token
+    first_token: float = 120.0  # arrival to the first token
+    liveness: float = 1.0  # stream silence before the worker is asked whether it still holds the request
+    probe: float = 2.0  # how long that question may take
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Request size limits (0: none beyond the model's context)."""
+
+    max_prompt_tokens: int = 0
+    max_tokens_cap: int = 0  # the largest max_tokens, and the default when it is left out
+    max_migrations: int = 3  # moves to another worker per request
 
 
 class Usage(NamedTuple):

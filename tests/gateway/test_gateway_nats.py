@@ -322,15 +322,17 @@ async def test_non_streaming_disconnect_aborts_the_worker(mesh, client):
     assert mesh.aborts[-1] == mesh.generates[-1].request_id
 
 
-async def test_a_vanished_worker_is_routed_around_once(mesh, client):
+async def test_vanished_workers_are_routed_around_up_to_three_times(mesh, client):
     mesh.route_to = ["w-gone"]
     mesh.script("fine", [])
     r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "fine"
     assert mesh.routes[-1].exclude == ["w-gone"]
-    mesh.route_to = ["w-gone", "w-gone-too"]
+    assert mesh.generates[-1].stream_subject == Subjects.stream(r.json()["id"]) + ".1", "a stream of its own"
+    mesh.route_to = ["w-gone", "w-gone-too", "w-gone-three"]
     r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
-    assert r.status_code == 503
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert mesh.routes[-1].exclude == ["w-gone", "w-gone-too"]
 
 
 async def test_models_tokenize_detokenize_health(mesh, client, served_model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from kvmesh.libs.bus import encode
@@ -13,14 +14,18 @@ from kvmesh.schemas.messages import (
     AbortRequest,
     ErrorReply,
     Finished,
+    GenerateRequest,
+    RouteRequest,
+    SamplingOptions,
     Subjects,
     TokenChunk,
     TokenLogprobs,
 )
-from kvmesh.services.gateway import generation
+from kvmesh.services.gateway import stream
+from kvmesh.services.gateway.dispatch import Attempt, Dispatcher, Submission
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.generation import Generator, RunningRequest
-from kvmesh.services.gateway.params import GenerationParams, Timeouts
+from kvmesh.services.gateway.params import GenerationParams, Limits, Timeouts
 
 
 class RecordingBus:
@@ -31,22 +36,32 @@ class RecordingBus:
         self.published.append((subject, msg))
 
 
+SUBMISSION = Submission(
+    RouteRequest(request_id="chatcmpl-1", num_tokens=5, max_tokens=100),
+    GenerateRequest(
+        request_id="chatcmpl-1",
+        token_ids=[1, 2, 3, 4, 5],
+        sampling=SamplingOptions(max_tokens=100),
+        stream_subject=Subjects.stream("chatcmpl-1"),
+    ),
+)
+
+
 def running(
-    tokenizer, bus, timeouts: Timeouts | None = None, **params
+    tokenizer, bus, timeouts: Timeouts | None = None, max_migrations: int = 0, **params
 ) -> tuple[RunningRequest, asyncio.Queue]:
+    """A request worker w1 has accepted; no other worker exists (moves fail unless max_migrations=0)."""
     timeouts = timeouts or Timeouts()
     queue: asyncio.Queue = asyncio.Queue()
     req = RunningRequest(
-        bus,
+        Dispatcher(bus, timeouts),
         tokenizer,
         GenerationParams(max_tokens=None, **params),
         timeouts,
-        request_id="chatcmpl-1",
-        worker_id="w1",
-        sub=None,
-        queue=queue,
-        num_prompt_tokens=5,
-        deadline=asyncio.get_running_loop().time() + timeouts.request,
+        SUBMISSION,
+        Attempt("w1", None, queue),
+        arrival=asyncio.get_running_loop().time(),
+        max_migrations=max_migrations,
     )
     return req, queue
 
@@ -103,7 +118,7 @@ async def test_stop_string_across_chunks_cuts_text_and_aborts_the_worker(tokeniz
 
 
 async def test_stop_without_final_record_still_finishes(tokenizer, monkeypatch):
-    monkeypatch.setattr(generation, "ABORT_GRACE_S", 0.05)
+    monkeypatch.setattr(stream, "ABORT_GRACE_S", 0.05)
     req, queue = running(tokenizer, RecordingBus(), stop=("b",), include_stop_str_in_output=True)
     feed(queue, *chunks_of(tokenizer, "a b c", [1]))
     assert await req.collect() == ("a b", None, "stop", (5, 2, 0))
@@ -138,10 +153,16 @@ async def test_logprobs_ride_with_their_text(tokenizer):
 
 async def test_worker_error_mid_stream(tokenizer):
     req, queue = running(tokenizer, RecordingBus())
+    feed(queue, TokenChunk(token_ids=[42]), ErrorReply(code="invalid_request", message="bad id"))
+    with pytest.raises(GatewayError) as info:
+        await req.collect()
+    assert info.value.status == 400 and "bad id" in info.value.message
+    # an engine failure is the worker losing the request: with no move left, a 503 that says so
+    req, queue = running(tokenizer, RecordingBus())
     feed(queue, TokenChunk(token_ids=[42]), ErrorReply(code="internal", message="engine died"))
     with pytest.raises(GatewayError) as info:
         await req.collect()
-    assert info.value.status == 500 and "engine died" in info.value.message
+    assert info.value.status == 503 and "engine died" in info.value.message
 
 
 async def test_silent_worker_times_out_and_is_aborted(tokenizer):
@@ -151,10 +172,15 @@ async def test_silent_worker_times_out_and_is_aborted(tokenizer):
     with pytest.raises(GatewayError) as info:
         await req.collect()
     assert info.value.status == 504 and "no token" in info.value.message
+    assert info.value.code == "token_timeout"
     assert bus.published == [(Subjects.worker("w1", "abort"), AbortRequest(request_id="chatcmpl-1"))]
     req, queue = running(tokenizer, RecordingBus(), timeouts=Timeouts(token=10, request=0.05))
     with pytest.raises(GatewayError, match="time limit"):
         await req.collect()
+    req, queue = running(tokenizer, RecordingBus(), timeouts=Timeouts(first_token=0.05))
+    with pytest.raises(GatewayError) as info:
+        await req.collect()
+    assert (info.value.status, info.value.code) == (504, "first_token_timeout")
 
 
 async def test_closing_early_aborts_once(tokenizer):
@@ -183,10 +209,34 @@ def test_context_length(num_prompt, max_tokens, expect):
         gen._max_tokens(10, GenerationParams(max_tokens=None, min_tokens=2000))
 
 
-async def test_a_lost_chunk_fails_the_request_and_aborts_the_worker(tokenizer):
+async def test_a_lost_chunk_without_moves_left_fails_the_request_and_aborts_the_worker(tokenizer):
     bus = RecordingBus()
     req, queue = running(tokenizer, bus)
     feed(queue, TokenChunk(token_ids=[42], first_index=0), TokenChunk(token_ids=[43], first_index=2))
-    with pytest.raises(GatewayError, match="skipped from token 1 to 2"):
+    with pytest.raises(GatewayError, match="skipped from token 1 to 2") as info:
         await req.collect()
+    assert (info.value.status, info.value.code) == (503, "worker_lost")
     assert bus.published == [(Subjects.worker("w1", "abort"), AbortRequest(request_id="chatcmpl-1"))]
+
+
+def test_a_continuation_carries_prompt_plus_output_and_the_budget_left():
+    route, gen = SUBMISSION
+    gen = msgspec.structs.replace(
+        gen, sampling=SamplingOptions(max_tokens=10, min_tokens=4, seed=7, temperature=0.8)
+    )
+    route = msgspec.structs.replace(route, max_tokens=10, exclude=["w0"], block_hashes=[11])
+    nxt = stream.resume(Submission(route, gen), [40, 41, 42], ["w1"], 1)
+    assert nxt.generate.token_ids == [1, 2, 3, 4, 5, 40, 41, 42]
+    s = nxt.generate.sampling
+    assert (s.max_tokens, s.min_tokens, s.resumed_tokens, s.seed, s.temperature) == (7, 1, 3, 7, 0.8)
+    assert nxt.generate.stream_subject == Subjects.stream("chatcmpl-1") + ".m1"
+    assert nxt.generate.request_id == "chatcmpl-1", "one request id end to end"
+    assert (nxt.route.num_tokens, nxt.route.max_tokens) == (8, 7)
+    assert nxt.route.exclude == ["w0", "w1"] and nxt.route.block_hashes == [11]
+    assert stream.resume(Submission(route, gen), list(range(10)), ["w1"], 1) is None, "nothing left"
+
+
+def test_limits_cap_max_tokens():
+    gen = Generator(None, None, max_model_len=1024, timeouts=Timeouts(), limits=Limits(max_tokens_cap=50))
+    assert gen._max_tokens(100, GenerationParams(max_tokens=None)) == 50, "the cap is the default"
+    assert gen._max_tokens(1000, GenerationParams(max_tokens=None)) == 24
