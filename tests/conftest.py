@@ -42,9 +42,32 @@ TINY_CONFIG = {
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with random weights: same code paths as the real model, milliseconds per step."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    write_random_llama(folder, TINY_CONFIG)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """The tiny random Llama with the default model's tokenizer and chat template (and so its
+    vocabulary): a whole mesh (gateway, tokenizer, workers) serves it, in milliseconds per step."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-chat"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (default_model_path / name).is_file():
+            shutil.copy(default_model_path / name, folder / name)
+    real = json.loads((default_model_path / "config.json").read_text())
+    config = {**TINY_CONFIG, "vocab_size": real["vocab_size"], "max_position_embeddings": 2048}
+    config |= {k: real[k] for k in ("bos_token_id", "eos_token_id") if k in real}
+    write_random_llama(folder, config)
+    return folder
+
+
+def write_random_llama(folder: Path, c: dict) -> None:
+    """config.json and random safetensors weights of a Llama with config `c`."""
+    (folder / "config.json").write_text(json.dumps(c))
     g = torch.Generator().manual_seed(0)
-    c = TINY_CONFIG
     h, inter, d = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * d
 
@@ -66,7 +89,6 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             p + "mlp.down_proj.weight": rnd(h, inter),
         }
     save_file(weights, str(folder / "model.safetensors"))
-    return folder
 
 
 @pytest.fixture(scope="session")

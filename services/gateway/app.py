@@ -34,7 +34,7 @@ from kvmesh.services.gateway.openai_protocol import (
 from kvmesh.services.gateway.params import Limits, Timeouts
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
 from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
-from kvmesh.services.gateway.telemetry import GatewayTelemetry
+from kvmesh.services.gateway.telemetry import GatewayTelemetry, fastapi_telemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +103,11 @@ def create_app(
     generator = Generator(bus, tokenizer, served.max_model_len, timeouts, limits)
     admission = InflightLimit(config.max_inflight)
     texts = TokenTexts(tokenizer)
-    app = FastAPI(title="kvmesh gateway", summary="OpenAI-compatible API of the kvmesh serving mesh")
+    app = FastAPI(
+        title="kvmesh gateway",
+        summary="OpenAI-compatible API of the kvmesh serving mesh",
+        **fastapi_telemetry(),  # FastAPI's own HTTP server span: the trace's root
+    )
     _install_error_handlers(app)
     app.state.admission = admission
     # Pure ASGI, the last added runs first: authentication, then the body-size limit.

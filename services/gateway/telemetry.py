@@ -1,10 +1,12 @@
-"""The gateway's metrics and traces: vLLM's client-side latency histograms, /metrics, and the root span
-of every request's trace.
+"""The gateway's metrics and traces: vLLM's client-side latency histograms, /metrics, and the top of
+every request's trace.
 
-`RequestTelemetry` follows one completion request: its `kvmesh.gateway.request` span is the trace's
-root (the tokenizer, router and worker spans hang under it through the NATS headers of the requests
-sent while it is current), and it times the token stream as the gateway receives it: time to first
-token, one inter-token latency per chunk (a chunk is one engine step), time per output token and
+A trace starts at FastAPI's own HTTP server span (`POST /v1/chat/completions`; it continues a
+client's trace when the request carries a traceparent header; /health and /metrics make none).
+Under it, `RequestTelemetry` follows one completion request: its `kvmesh.gateway.request` span is the
+parent of the tokenizer, router and worker spans (through the NATS headers of the requests sent
+while it is current), and it times the token stream as the gateway receives it: time to first token,
+one inter-token latency per chunk (a chunk is one engine step), time per output token and
 end-to-end latency when the final record arrives. The span ends with the request, however it ends:
 finished, failed, or the client gone. No span is made per chunk.
 """
@@ -12,8 +14,10 @@ finished, failed, or the client gone. No span is made per chunk.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -31,6 +35,16 @@ from kvmesh.services.gateway.params import GenerationOutput, GenerationParams, P
 
 REQUEST_SPAN = "kvmesh.gateway.request"
 UNCOUNTED_PATHS = frozenset({"/metrics", "/health"})  # scrapes and probes are not traffic
+
+
+def fastapi_telemetry() -> dict[str, Any]:
+    """FastAPI(**fastapi_telemetry()): its native OpenTelemetry (FastAPI >= 0.165) without the
+    per-operation spans, and no traces for probes and scrapes. Nothing on older FastAPI."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {
+        "telemetry": {"operation_spans": False, "exclude": lambda scope: scope["path"] in UNCOUNTED_PATHS}
+    }
 
 
 class GatewayTelemetry:
@@ -80,7 +94,7 @@ class RequestTelemetry:
         self.arrival = time.perf_counter()
         self.span: Span = tracing.tracer.start_span(
             REQUEST_SPAN,
-            kind=SpanKind.SERVER,
+            kind=SpanKind.INTERNAL,  # under FastAPI's SERVER span
             attributes={
                 tracing.REQUEST_ID: request_id,
                 tracing.MODEL: owner.model_name,
