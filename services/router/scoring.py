@@ -3,10 +3,15 @@
 Costs are in tokens of work the worker would have to do or finish first, so that prefix reuse and
 load trade off in one unit: a worker that already holds 1,000 of the prompt's tokens saves that
 much prefill, worth `prefill_weight` tokens of queue each.
+
+Per decision the router calls `begin(req, candidates)` once, then `score` for each candidate.
+Round-robin and random are the baselines KV-aware routing is measured against (loadtest/prefix_bench.py);
+`make_scorer(name)` builds any of them from the router's `--scorer` flag.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -20,6 +25,9 @@ class Score(NamedTuple):
 
 
 class Scorer(Protocol):
+    def begin(self, req: RouteRequest, candidates: list[WorkerInfo]) -> None:
+        """A decision starts: `candidates` are the live workers it chooses among."""
+
     def score(
         self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool
     ) -> Score: ...
@@ -28,6 +36,9 @@ class Scorer(Protocol):
 class LoadScorer:
     """Least outstanding tokens (queued prompt tokens + tokens still to decode), KV usage as a
     tie-breaker so an idle-but-full worker loses to an idle empty one."""
+
+    def begin(self, req: RouteRequest, candidates: list[WorkerInfo]) -> None:
+        pass
 
     def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
         return Score(worker.load_tokens + worker.stats.kv_usage, "load")
@@ -43,6 +54,9 @@ class KVAwareScorer:
     load_weight: float = 1.0
     session_bonus: float = 256.0
 
+    def begin(self, req: RouteRequest, candidates: list[WorkerInfo]) -> None:
+        pass
+
     def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
         cached = min(overlap_blocks * self.block_size, req.num_tokens)
         cost = self.prefill_weight * (req.num_tokens - cached) + self.load_weight * worker.load_tokens
@@ -51,3 +65,41 @@ class KVAwareScorer:
             cost -= self.session_bonus
         reason = "prefix" if cached else ("session" if session_match else "load")
         return Score(cost, reason)
+
+
+class RoundRobinScorer:
+    """Baseline: each worker in turn (by worker id), blind to caches and load. The turn passes to
+    the first id after the last one picked, so workers joining or leaving keep the rotation fair."""
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+        self._turn: str | None = None
+
+    def begin(self, req: RouteRequest, candidates: list[WorkerInfo]) -> None:
+        ids = sorted(w.stats.worker_id for w in candidates)
+        i = bisect.bisect_right(ids, self._last) if self._last is not None else 0
+        self._turn = self._last = ids[i % len(ids)] if ids else None
+
+    def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
+        return Score(0.0 if worker.stats.worker_id == self._turn else 1.0, "round-robin")
+
+
+class RandomScorer:
+    """Baseline: a uniformly random worker (every score ties; the router breaks ties at random)."""
+
+    def begin(self, req: RouteRequest, candidates: list[WorkerInfo]) -> None:
+        pass
+
+    def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
+        return Score(0.0, "random")
+
+
+SCORERS = {"kv": KVAwareScorer, "load": LoadScorer, "round-robin": RoundRobinScorer, "random": RandomScorer}
+
+
+def make_scorer(name: str) -> Scorer:
+    """The scorer a router flag names: kv | load | round-robin | random."""
+    try:
+        return SCORERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown scorer {name!r} (choose from {', '.join(SCORERS)})") from None

@@ -3,6 +3,7 @@ and session affinity. Without the kv-index it keeps routing by load and reports 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import time
@@ -29,6 +30,7 @@ from kvmesh.services.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 MAX_SESSIONS = 100_000
+LOG_CANDIDATES = 4  # a decision's log line names the best few workers, not hundreds
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class RouterService:
             return ErrorReply(code="no_workers", message="no live worker can take the request")
         overlap = await self.overlap(req) if len(live) > 1 else {}
         session_worker = self.sessions.get(req.session_id) if req.session_id else None
+        self.scorer.begin(req, live)
         scored = [
             (
                 self.scorer.score(
@@ -108,13 +111,15 @@ class RouterService:
             self.sessions.move_to_end(req.session_id)
             if len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
-        log.info(
-            "route %s -> %s (%s) %s",
-            req.request_id,
-            wid,
-            reason,
-            {w.stats.worker_id: (round(s.value, 1), overlap.get(w.stats.worker_id, 0)) for s, w in scored},
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "route %s -> %s (%s) best of %d: %s",
+                req.request_id,
+                wid,
+                reason,
+                len(scored),
+                _best(scored, overlap),
+            )
         return RouteReply(worker_id=wid, reason=reason, score=choice_score.value)
 
     async def attach(self, bus: Bus) -> None:
@@ -145,3 +150,9 @@ class RouterService:
             hit_tokens=self.hit_tokens,
             available_hit_tokens=self.available_hit_tokens,
         )
+
+
+def _best(scored: list, overlap: dict[str, int]) -> dict[str, tuple[float, int]]:
+    """worker -> (score, cached blocks) of the best-scored candidates."""
+    best = heapq.nsmallest(LOG_CANDIDATES, scored, key=lambda sw: sw[0].value)
+    return {w.stats.worker_id: (round(sc.value, 1), overlap.get(w.stats.worker_id, 0)) for sc, w in best}

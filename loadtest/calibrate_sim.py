@@ -1,0 +1,253 @@
+"""Calibrate the simulated worker's timing model from the real engine on this machine.
+
+Runs the real engine in this process (default model, bf16, 2 threads unless told otherwise) on
+steps of known shape and times each `step()`. The machine is shared (other processes steal the
+cores now and then), so each point keeps the fastest repeat (prefill) or the lower quartile of the
+steps (decode, best of two runs): the engine's own cost, not the neighbours'. Run it on a quiet
+machine all the same, and check `load_average_at_end` and the validation in the profile.
+  prefill   one fresh prompt of n tokens (n = 16 .. 512) in one step: fixed cost + cost per token;
+  chunks    a 2,048-token prompt in 512-token chunks: the extra attention cost over cached context;
+  decode    B requests decoding together (B = 1 .. 64, 128-token prompts): step time by batch size,
+            and B = 8 over 1,536-token prompts: the extra cost per context token.
+Then it replays a mixed workload (shared prefixes, prefix hits, chunked prefill, decodes of
+different lengths, all arriving at once) on the real engine and on the simulated core with the
+fitted profile, and records both makespans and mean TTFTs: the model's error on a workload it was
+not fitted on. Writes the profile the simulated workers load by default.
+
+    python -m kvmesh.loadtest.calibrate_sim [--threads 2] [--out services/sim_worker/default_profile.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import msgspec
+
+from kvmesh.libs.threads import configure_threads
+
+BUDGET = 512
+
+
+def fresh(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1000, 40000) for _ in range(n)]
+
+
+def timed_step(engine) -> float:
+    t0 = time.perf_counter()
+    engine.step()
+    return time.perf_counter() - t0
+
+
+def drain(engine) -> None:
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def measure_prefill(engine, rng, sizes: list[int], repeats: int) -> dict[int, float]:
+    from kvmesh.libs.engine.sampling_params import SamplingParams
+
+    out = {}
+    for n in sizes:
+        times = []
+        for r in range(repeats):
+            engine.add_request(f"p{n}-{r}", fresh(rng, n), SamplingParams(max_tokens=1, ignore_eos=True))
+            times.append(timed_step(engine))
+            drain(engine)
+        out[n] = min(times)
+        print(f"  prefill {n:4d} tokens: {out[n] * 1e3:7.2f} ms", flush=True)
+    return out
+
+
+def measure_chunks(engine, rng, prompt_len: int, repeats: int) -> dict[int, float]:
+    """Step time of each BUDGET-token chunk of a long prompt, by the context already computed."""
+    from kvmesh.libs.engine.sampling_params import SamplingParams
+
+    by_ctx: dict[int, list[float]] = {}
+    for r in range(repeats):
+        engine.add_request(f"c{r}", fresh(rng, prompt_len), SamplingParams(max_tokens=1, ignore_eos=True))
+        ctx = 0
+        while engine.has_unfinished_requests():
+            by_ctx.setdefault(ctx, []).append(timed_step(engine))
+            ctx += BUDGET
+    out = {c: min(t) for c, t in by_ctx.items() if c < prompt_len}
+    for c, t in out.items():
+        print(f"  chunk of {BUDGET} over {c:4d} cached: {t * 1e3:7.2f} ms", flush=True)
+    return out
+
+
+def measure_decode(engine, rng, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    """(lower-quartile decode-step time, mean context during the timed steps) for `batch` requests."""
+    from kvmesh.libs.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0)
+    reqs = [
+        engine.add_request(f"d{batch}-{prompt_len}-{i}", fresh(rng, prompt_len), params) for i in range(batch)
+    ]
+    while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in reqs):
+        engine.step()
+    ctx = statistics.mean(r.num_tokens for r in reqs) + steps / 2
+    times = sorted(timed_step(engine) for _ in range(steps))
+    drain(engine)
+    return times[len(times) // 4], ctx
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def mixed_workload(rng: random.Random) -> list[tuple[str, list[int], int]]:
+    """4 groups sharing 384-token prefixes, 6 requests each with 48 own tokens, 8-48 output tokens."""
+    work = []
+    for g in range(4):
+        prefix = fresh(rng, 384)
+        for u in range(6):
+            work.append((f"v{g}-{u}", prefix + fresh(rng, 48), rng.randint(8, 48)))
+    rng.shuffle(work)
+    return work
+
+
+def replay_real(engine, work) -> tuple[float, float]:
+    """(makespan, mean TTFT) of the workload on the real engine, all requests arriving at once."""
+    from kvmesh.libs.engine.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+    for rid, prompt, n in work:
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True, temperature=0))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.new_token_ids:
+                first.setdefault(out.request_id, time.perf_counter() - t0)
+    return time.perf_counter() - t0, statistics.mean(first.values())
+
+
+def replay_sim(profile, work, num_blocks: int) -> tuple[float, float]:
+    from kvmesh.libs.engine.sampling_params import SamplingParams
+    from kvmesh.services.sim_worker.core import SimCore, SimEngineConfig
+
+    core = SimCore(SimEngineConfig(num_kv_blocks=num_blocks, max_num_batched_tokens=BUDGET), profile)
+    for rid, prompt, n in work:
+        core.add_request(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True, temperature=0))
+    clock = 0.0
+    first: dict[str, float] = {}
+    while core.has_unfinished_requests():
+        step = core.step()
+        clock += step.duration_s
+        for out in step.outputs:
+            if out.new_token_ids:
+                first.setdefault(out.request_id, clock)
+    return clock, statistics.mean(first.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-steps", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None, help="default: the sim worker's default profile")
+    args = parser.parse_args()
+    configure_threads(args.threads)
+    from kvmesh.libs.engine.config import EngineConfig
+    from kvmesh.libs.engine.engine import LLMEngine
+    from kvmesh.services.sim_worker.timing import DEFAULT_PROFILE, TimingProfile
+
+    out_path = args.out or DEFAULT_PROFILE
+    rng = random.Random(0)
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, max_num_batched_tokens=BUDGET, num_kv_blocks=4096)
+    engine = LLMEngine(cfg, load_tokenizer=False)
+    print("warming up", flush=True)
+    measure_prefill(engine, rng, [BUDGET, 64], 2)
+    measure_decode(engine, rng, 4, 64, 4)
+
+    print("prefill (one step, nothing cached)", flush=True)
+    sizes = [16, 64, 128, 256, 384, 512]
+    prefill = measure_prefill(engine, rng, sizes, args.repeats)
+    base, per_token = linear_fit(sizes, [prefill[n] for n in sizes])
+
+    print("chunked prefill over cached context", flush=True)
+    chunks = measure_chunks(engine, rng, 2048, max(1, args.repeats - 1))
+    flat = base + per_token * BUDGET
+    # extra(ctx) = k * BUDGET * ctx, least squares through the origin
+    num = sum((t - flat) * BUDGET * c for c, t in chunks.items() if c)
+    den = sum((BUDGET * c) ** 2 for c in chunks if c)
+    per_token_ctx = max(0.0, num / den) if den else 0.0
+
+    print("decode steps by batch size", flush=True)
+    batches = [1, 2, 4, 8, 16, 32, 64]
+    decode, ctxs = {}, []
+    for b in batches:
+        runs = [measure_decode(engine, rng, b, 128, args.decode_steps) for _ in range(2)]
+        decode[b], ctx = min(runs)
+        ctxs.append(ctx)
+        print(f"  batch {b:3d}: {decode[b] * 1e3:7.2f} ms (context ~{ctx:.0f})", flush=True)
+    ref_ctx = round(statistics.mean(ctxs))
+    long_t, long_ctx = min(measure_decode(engine, rng, 8, 1536, args.decode_steps) for _ in range(2))
+    print(f"  batch   8 at context ~{long_ctx:.0f}: {long_t * 1e3:7.2f} ms", flush=True)
+    per_ctx = max(0.0, (long_t - decode[8]) / (8 * (long_ctx - ctxs[batches.index(8)])))
+
+    profile = TimingProfile(
+        prefill_base_s=max(base, 0.0),
+        prefill_s_per_token=per_token,
+        prefill_s_per_token_ctx=per_token_ctx,
+        decode_batch_sizes=batches,
+        decode_step_s=[decode[b] for b in batches],
+        decode_ref_context=ref_ctx,
+        decode_s_per_ctx_token=per_ctx,
+        meta={},
+    )
+    print("validation: a mixed workload on the real engine and on the simulated core", flush=True)
+    work = mixed_workload(random.Random(1))
+    real_span, real_ttft = replay_real(engine, work)
+    sim_span, sim_ttft = replay_sim(profile, work, cfg.num_kv_blocks)
+    validation = {
+        "workload": "24 requests at once: 4 groups x 6, 384-token shared prefix + 48 own tokens, 8-48 output",
+        "real_makespan_s": round(real_span, 4),
+        "sim_makespan_s": round(sim_span, 4),
+        "makespan_error": round(sim_span / real_span - 1, 4),
+        "real_mean_ttft_s": round(real_ttft, 4),
+        "sim_mean_ttft_s": round(sim_ttft, 4),
+        "mean_ttft_error": round(sim_ttft / real_ttft - 1, 4),
+    }
+    meta = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "block_size": cfg.block_size,
+        "max_num_batched_tokens": BUDGET,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "raw_prefill_s": {str(n): round(t, 6) for n, t in prefill.items()},
+        "raw_chunk_s_by_context": {str(c): round(t, 6) for c, t in chunks.items()},
+        "raw_decode_long_context": {"batch": 8, "context": round(long_ctx), "step_s": round(long_t, 6)},
+        "validation": validation,
+    }
+    profile = msgspec.structs.replace(profile, meta=meta)
+    out_path.write_bytes(profile.to_json() + b"\n")
+    print(
+        f"prefill: {base * 1e3:.2f} ms + {per_token * 1e6:.1f} us/token "
+        f"(+{per_token_ctx * 1e9:.2f} ns per token x context); "
+        f"decode: {decode[1] * 1e3:.1f} ms at batch 1 .. {decode[64] * 1e3:.1f} ms at 64 "
+        f"(+{per_ctx * 1e6:.2f} us per context token)"
+    )
+    print(f"validation: {validation}")
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
