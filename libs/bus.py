@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from kvmesh.libs import tracing
+from kvmesh.libs.credentials import NatsAuth
 from kvmesh.libs.metrics import NATS_REQUEST_SECONDS, subject_label
 from kvmesh.schemas.messages import ErrorReply, Message
 
@@ -86,12 +88,15 @@ class Bus:
         url: str,
         name: str,
         *,
-        user: str | None = None,
-        password: str | None = None,
-        token: str | None = None,
-        tls: Any = None,
+        auth: NatsAuth | None = None,
         connect_timeout: float = 5.0,
     ) -> Bus:
+        """Connect and keep reconnecting forever. `auth`: user/password, token, credentials file and
+        TLS (default: from KVMESH_NATS_* in the environment, see libs/credentials.py). Credentials the
+        server refuses on the first connection raise BusError at once (nats-py would retry forever)."""
+        auth = NatsAuth.from_env() if auth is None else auth
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
         async def on_disconnect() -> None:
             log.info("%s: disconnected from NATS", name)
 
@@ -100,22 +105,29 @@ class Bus:
 
         async def on_error(exc: Exception) -> None:
             log.warning("%s: NATS error: %r", name, exc)
+            if "authorization violation" in str(exc).lower() and not refused.done():
+                refused.set_result(exc)
 
-        nc = await nats.connect(
-            servers=url.split(","),
-            name=name,
-            user=user,
-            password=password,
-            token=token,
-            tls=tls,
-            connect_timeout=connect_timeout,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            error_cb=on_error,
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                servers=url.split(","),
+                name=name,
+                connect_timeout=connect_timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+                **auth.connect_options(),
+            )
         )
-        return cls(nc, name)
+        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            raise BusError(f"{name}: NATS refused the credentials: {refused.result()}")
+        return cls(connecting.result(), name)
 
     # -- client side ----------------------------------------------------------------------------
     async def publish(self, subject: str, msg: Message, *, traced: bool = True) -> None:

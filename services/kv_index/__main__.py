@@ -14,9 +14,8 @@ def main() -> None:
     parser.add_argument("--redis-url", default=env_default("KVMESH_REDIS_URL", "redis://127.0.0.1:6379"))
     args = parser.parse_args()
     setup_logging("kv-index", args.log_level)
-    from redis.asyncio import Redis
-
     from kvmesh.libs.bus import Bus
+    from kvmesh.libs.credentials import redis_client
     from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
     from kvmesh.libs.engine.model_store import resolve_model
     from kvmesh.libs.metrics_server import start_metrics_server
@@ -29,7 +28,7 @@ def main() -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         metrics = await start_metrics_server(args.metrics_port, args.metrics_host)
-        redis = Redis.from_url(args.redis_url)
+        redis = redis_client(args.redis_url)  # credentials and TLS: KVMESH_REDIS_*
         service = KVIndexService(KVIndex(redis, extra, hash_seed(None)))
         bus = await Bus.connect(args.nats_url, "kv-index")
         await service.attach(bus)
