@@ -41,7 +41,7 @@ class GatewayConfig:
     def from_args(cls, argv: list[str] | None = None) -> GatewayConfig:
         d = cls()  # the defaults (a slots dataclass has no class-level field values)
         p = argparse.ArgumentParser(prog="kvmesh-gateway", description="kvmesh OpenAI-compatible gateway")
-        add_common_args(p)  # --nats-url, --model, --log-level
+        add_common_args(p, metrics_port=False)  # --nats-url, --model, --log-level; /metrics is on --port
         p.add_argument("--host", default=env_default("KVMESH_GATEWAY_HOST", d.host))
         p.add_argument("--port", type=int, default=env_default("KVMESH_GATEWAY_PORT", d.port))
         p.add_argument(
