@@ -35,6 +35,8 @@ from kvmesh.services.gateway.params import GenerationOutput, GenerationParams, P
 
 REQUEST_SPAN = "kvmesh.gateway.request"
 UNCOUNTED_PATHS = frozenset({"/metrics", "/health"})  # scrapes and probes are not traffic
+# Refusals before any worker is asked, by the status they leave with (auth, body limit, admission).
+REJECTIONS = {401: "unauthorized", 413: "too_large", 429: "overloaded"}
 
 
 def fastapi_telemetry() -> dict[str, Any]:
@@ -58,7 +60,9 @@ class GatewayTelemetry:
         return RequestTelemetry(self, request_id, endpoint, stream)
 
     def install(self, app: FastAPI) -> None:
-        """GET /metrics on the app, and kvmesh:gateway_requests_total{status} for every answer."""
+        """GET /metrics on the app, kvmesh:gateway_requests_total{status} for every answer and
+        kvmesh:gateway_rejected_total{reason} for refusals (REJECTIONS). Install it after the
+        middlewares that refuse requests, so that it wraps them."""
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics(request: Request) -> Response:
@@ -69,7 +73,8 @@ class GatewayTelemetry:
 
 
 class StatusCounter:
-    """Counts HTTP answers by status code (pure ASGI: nothing added to the streamed chunks)."""
+    """Counts HTTP answers by status code, and refusals by reason (pure ASGI: nothing added to the
+    streamed chunks)."""
 
     def __init__(self, app: ASGIApp, telemetry: GatewayTelemetry) -> None:
         self.app = app
@@ -82,7 +87,10 @@ class StatusCounter:
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.status(message["status"])
+                status = message["status"]
+                self.metrics.status(status)
+                if status in REJECTIONS:
+                    self.metrics.rejected(REJECTIONS[status])
             await send(message)
 
         await self.app(scope, receive, counting_send)

@@ -134,3 +134,51 @@ def test_the_final_output_carries_the_engine_timing(tiny_model_path):
     a, b = finals["a"], finals["b"]
     assert a.arrival <= a.scheduled <= a.first_token <= a.finished and a.num_preemptions == 0
     assert b.scheduled is None and b.first_token is None and b.arrival <= b.finished
+
+
+async def test_gateway_counts_answers_by_status_and_refusals_by_reason(nats_url, default_model_path):
+    from tokenizers import Tokenizer
+
+    from kvmesh.services.gateway.app import create_app
+    from kvmesh.services.gateway.config import GatewayConfig, ServedModel
+
+    config = GatewayConfig(model=str(default_model_path), api_keys=("sesame",), max_body_bytes=2048)
+    served = ServedModel.load(config, default_model_path)
+    tokenizer = Tokenizer.from_file(str(default_model_path / "tokenizer.json"))
+    bus = await Bus.connect(nats_url, "gateway-metrics-test")
+    app = create_app(config, bus, tokenizer, served)
+    transport = httpx.ASGITransport(app=app)
+    labels = {"model_name": served.name}
+
+    async def counts(http: httpx.AsyncClient) -> dict:
+        fams = _families((await http.get("/metrics")).text)  # open without a key, like /health
+        return {
+            (s.name, s.labels.get("status") or s.labels.get("reason")): s.value
+            for name in ("kvmesh:gateway_requests", "kvmesh:gateway_rejected")
+            if name in fams
+            for s in fams[name].samples
+            if s.labels["model_name"] == labels["model_name"]
+        }
+
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            before = await counts(http)
+            assert (await http.get("/health")).status_code == 200  # not counted: probes are not traffic
+            assert (await http.get("/v1/models")).status_code == 401
+            key = {"Authorization": "Bearer sesame"}
+            assert (await http.get("/v1/models", headers=key)).status_code == 200
+            big = {"prompt": "x" * 4096, "max_tokens": 1}
+            assert (await http.post("/v1/completions", json=big, headers=key)).status_code == 413
+            after = await counts(http)
+    finally:
+        await bus.close()
+
+    def delta(key: tuple[str, str]) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta(("kvmesh:gateway_requests_total", "200")) == 1
+    assert delta(("kvmesh:gateway_requests_total", "401")) == 1
+    assert delta(("kvmesh:gateway_requests_total", "413")) == 1
+    assert delta(("kvmesh:gateway_rejected_total", "unauthorized")) == 1
+    assert delta(("kvmesh:gateway_rejected_total", "too_large")) == 1
+    assert delta(("kvmesh:gateway_rejected_total", "overloaded")) == 0
