@@ -57,6 +57,7 @@ def _up(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         num_workers=args.workers,
+        num_prefill_workers=args.prefill_workers,
         gateway_port=port,
         nats_url=args.nats_url,
         redis_url=args.redis_url,
@@ -73,7 +74,10 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with mesh:
-            print(f"kvmesh: starting {args.workers} worker(s); NATS {mesh.nats_url}", flush=True)
+            kind = "worker(s)"
+            if args.prefill_workers:
+                kind = f"decode worker(s) + {args.prefill_workers} prefill worker(s)"
+            print(f"kvmesh: starting {args.workers} {kind}; NATS {mesh.nats_url}", flush=True)
             mesh.wait_ready(timeout=args.ready_timeout)
             print(f"kvmesh: ready. OpenAI API at {mesh.base_url}/v1  (Ctrl-C stops)", flush=True)
             for name, url in mesh.metrics_urls.items():
@@ -106,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="run the whole mesh locally (nats-server and redis-server included)")
     up.add_argument("--port", type=int, default=int(os.environ.get("KVMESH_PORT", 8000)))
     up.add_argument("--workers", type=int, default=1)
+    up.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=0,
+        help="> 0: disaggregate: this many prefill workers, the --workers become decode workers",
+    )
     up.add_argument("--model", default=os.environ.get("KVMESH_MODEL", "SmolLM2-135M-Instruct"))
     up.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     up.add_argument(

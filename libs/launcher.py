@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -109,15 +111,23 @@ def _signals_ignored():
 class MeshConfig:
     model: str = "SmolLM2-135M-Instruct"
     dtype: str = "bfloat16"
-    num_workers: int = 1
+    num_workers: int = 1  # decode workers when num_prefill_workers > 0, else aggregated ones
+    num_prefill_workers: int = 0  # > 0: disaggregated prefill (NIXL) on this many prefill workers
     gateway_port: int = 0  # 0: a free port
     nats_url: str | None = None  # None: start nats-server on a free port
     redis_url: str | None = None  # None: start redis-server on a free port (if installed)
     threads_per_worker: int = 0  # 0: share the cores evenly
     worker_args: list[str] = field(default_factory=list)
+    prefill_worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # None: children inherit stdout/stderr
     log_level: str = "INFO"
+    # Replicas of the stateless control-plane services (queue groups share their work; the kv-index
+    # replicas share one write lease). Replica 0 is named "tokenizer", the next ones "tokenizer-1", ...
+    tokenizer_replicas: int = 1
+    router_replicas: int = 1
+    kv_index_replicas: int = 1
     metrics: bool = True  # each service's /metrics and /health on a free port (the gateway: its own)
     env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. OTEL_*) for every service
 
@@ -127,6 +137,10 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: IO | None = None
+    # Starts the process again the way it first started (infra: same port, same store): restart()
+    respawn: Callable[[], subprocess.Popen] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the environment it was started with
+    argv: list[str] = field(default_factory=list)
 
 
 class Mesh:
@@ -164,7 +178,9 @@ class Mesh:
                 full_env |= {"KVMESH_METRICS_PORT": str(port), "KVMESH_METRICS_HOST": "127.0.0.1"}
                 self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=full_env)
-        proc = Proc(name, popen, log)
+        out = {"stdout": log, "stderr": subprocess.STDOUT if log else None}
+        respawn = functools.partial(subprocess.Popen, argv, **out, env=full_env)
+        proc = Proc(name, popen, log, respawn, full_env, argv)
         self.procs.append(proc)
         return proc
 
@@ -173,14 +189,18 @@ class Mesh:
             port = free_port()
             store = Path(self._tmp.name) / "jetstream"
             log = self._log_file("nats")
-            popen = start_nats_server(port, store, stdout=log, stderr=subprocess.STDOUT if log else None)
-            self.procs.append(Proc("nats", popen, log))
+            out = {"stdout": log, "stderr": subprocess.STDOUT if log else None}
+            popen = start_nats_server(port, store, **out)
+            respawn = functools.partial(start_nats_server, port, store, **out)
+            self.procs.append(Proc("nats", popen, log, respawn))
             self.nats_url = f"nats://127.0.0.1:{port}"
         if not self.redis_url and (binary := redis_server_binary()):
             port = free_port()
             log = self._log_file("redis")
-            popen = start_redis_server(port, binary, stdout=log, stderr=subprocess.STDOUT if log else None)
-            self.procs.append(Proc("redis", popen, log))
+            out = {"stdout": log, "stderr": subprocess.STDOUT if log else None}
+            popen = start_redis_server(port, binary, **out)
+            respawn = functools.partial(start_redis_server, port, binary, **out)
+            self.procs.append(Proc("redis", popen, log, respawn))
             self.redis_url = f"redis://127.0.0.1:{port}"
 
     def start_services(self) -> None:
@@ -191,31 +211,43 @@ class Mesh:
             "KVMESH_MODEL": cfg.model,
             "KVMESH_LOG_LEVEL": cfg.log_level,
             "OMP_WAIT_POLICY": "PASSIVE",
+            "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo"),  # NIXL between local workers
         }
         if self.redis_url:
             common["KVMESH_REDIS_URL"] = self.redis_url
         cores = len(os.sched_getaffinity(0))
-        threads = cfg.threads_per_worker or max(1, cores // max(1, cfg.num_workers))
+        num_engines = cfg.num_workers + cfg.num_prefill_workers
+        threads = cfg.threads_per_worker or max(1, cores // max(1, num_engines))
         self._spawn("tokenizer", [py, "-m", "kvmesh.services.tokenizer"], {**common, "KVMESH_THREADS": "1"})
-        self._spawn("router", [py, "-m", "kvmesh.services.router"], {**common, "KVMESH_THREADS": "1"})
+        argv = [py, "-m", "kvmesh.services.router", *cfg.router_args]
+        self._spawn("router", argv, {**common, "KVMESH_THREADS": "1"})
         if self.redis_url:
             self._spawn("kv-index", [py, "-m", "kvmesh.services.kv_index"], {**common, "KVMESH_THREADS": "1"})
-        for i in range(cfg.num_workers):
-            wid = f"worker-{i}"
-            self.worker_ids.append(wid)
-            argv = [
-                py,
-                "-m",
-                "kvmesh.services.worker",
-                "--worker-id",
-                wid,
-                "--dtype",
-                cfg.dtype,
-                *cfg.worker_args,
-            ]
-            self._spawn(wid, argv, {**common, "KVMESH_THREADS": str(threads)})
+        disaggregated = cfg.num_prefill_workers > 0
+        roles = [("worker", "decode" if disaggregated else "aggregated", cfg.num_workers, cfg.worker_args)]
+        roles.append(("prefill", "prefill", cfg.num_prefill_workers, cfg.prefill_worker_args))
+        for prefix, role, count, extra in roles:
+            for i in range(count):
+                wid = f"{prefix}-{i}"
+                self.worker_ids.append(wid)
+                argv = [py, "-m", "kvmesh.services.worker", "--worker-id", wid, "--role", role]
+                argv += ["--dtype", cfg.dtype, *extra]
+                self._spawn(wid, argv, {**common, "KVMESH_THREADS": str(threads)})
         argv = [py, "-m", "kvmesh.services.gateway", "--port", str(self.gateway_port), *cfg.gateway_args]
         self._spawn("gateway", argv, {**common, "KVMESH_THREADS": "1"})
+        self._spawn_replicas()
+
+    def _spawn_replicas(self) -> None:
+        """Replicas 1.. of the tokenizer, router and kv-index: replica 0's command line again."""
+        cfg = self.config
+        for name, count in (
+            ("tokenizer", cfg.tokenizer_replicas),
+            ("router", cfg.router_replicas),
+            ("kv-index", cfg.kv_index_replicas),
+        ):
+            first = next((p for p in self.procs if p.name == name), None)
+            for i in range(1, count if first is not None else 0):
+                self._spawn(f"{name}-{i}", first.argv, first.env)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Until every worker has sent a heartbeat, the tokenizer and router answer, and the
@@ -290,6 +322,24 @@ class Mesh:
 
     def proc(self, name: str) -> subprocess.Popen:
         return next(p.popen for p in self.procs if p.name == name)
+
+    # -- fault injection (tests) ---------------------------------------------------------------------
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (a crash: no drain, no goodbye). It stays listed, dead, until
+        `restart(name)`."""
+        popen = self.proc(name)
+        popen.kill()
+        popen.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a killed process again the way it first started: nats-server and redis-server on
+        the same port (NATS with the same JetStream store), services with the same command line."""
+        proc = next(p for p in self.procs if p.name == name)
+        if proc.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        if proc.respawn is None:
+            raise RuntimeError(f"{name} cannot be restarted")
+        proc.popen = proc.respawn()
 
     def stop(self, timeout: float = 40.0) -> None:
         """SIGTERM the services (they drain), then the infrastructure; SIGKILL what lingers.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import msgspec
 
-from kvmesh.schemas import kv_events, messages
+from kvmesh.schemas import kv_events, messages, transfer
 
 OUT = Path(__file__).resolve().parent / "kvmesh.schema.json"
-TYPES = (*messages.ALL_MESSAGES, kv_events.KVEventBatch)
+TYPES = (*messages.ALL_MESSAGES, *transfer.ALL_TRANSFER_MESSAGES, kv_events.KVEventBatch)
 
 
 def render() -> str:

@@ -78,6 +78,8 @@ class RouteReply(Message, tag=_tag("RouteReply")):
     worker_id: str
     reason: str  # why this worker: load | prefix | session | only
     score: float = 0.0
+    prefill_worker_id: str | None = None  # set when the prompt is prefilled remotely (disaggregated)
+    prefill_reason: str | None = None  # remote | short | prefill_busy | no_prefill_workers | cached
 
 
 class RouterHealthRequest(Message, tag=_tag("RouterHealthRequest")):
@@ -117,6 +119,8 @@ class GenerateRequest(Message, tag=_tag("GenerateRequest")):
     token_ids: list[int]
     sampling: SamplingOptions
     stream_subject: str  # where the worker publishes this request's TokenChunks and Finished
+    # disaggregated: this prefill worker computes the prompt's full blocks, the receiver pulls them
+    prefill_worker_id: str | None = None
 
 
 class GenerateAccepted(Message, tag=_tag("GenerateAccepted")):
@@ -128,7 +132,7 @@ class AbortRequest(Message, tag=_tag("AbortRequest")):
 
 
 class StatsRequest(Message, tag=_tag("StatsRequest")):
-    pass
+    check_integrity: bool = False  # also run the block pool's invariant check (O(blocks))
 
 
 class WorkerStats(Message, tag=_tag("WorkerStats")):
@@ -144,6 +148,12 @@ class WorkerStats(Message, tag=_tag("WorkerStats")):
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0
+    num_leased_blocks: int = 0  # prefill role: blocks pinned for decode workers to pull
+    remote_prefills: int = 0  # decode role: requests whose prompt blocks were pulled over NIXL
+    local_prefill_fallbacks: int = 0  # ... that fell back to prefilling here after a failure
+    kv_blocks_pulled: int = 0
+    kv_bytes_pulled: int = 0
+    integrity_error: str | None = None  # set only when asked (StatsRequest.check_integrity)
 
 
 class Heartbeat(Message, tag=_tag("Heartbeat")):

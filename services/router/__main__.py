@@ -11,6 +11,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="kvmesh-router")
     add_common_args(parser)
     parser.add_argument(
+        "--disagg-min-tokens",
+        type=int,
+        default=env_default("KVMESH_DISAGG_MIN_TOKENS", 512),
+        help="prefill remotely only when at least this many prompt tokens are uncached on the decode worker",
+    )
+    parser.add_argument(
+        "--disagg-max-queue-tokens",
+        type=int,
+        default=env_default("KVMESH_DISAGG_MAX_QUEUE_TOKENS", 16384),
+        help="a prefill worker with this many outstanding tokens is saturated: prefill locally instead",
+    )
+    parser.add_argument(
         "--scorer",
         default=env_default("KVMESH_ROUTER_SCORER", "kv"),
         choices=["kv", "load", "round-robin", "random"],
@@ -24,7 +36,12 @@ def main() -> None:
     from kvmesh.services.router.service import RouterConfig, RouterService
 
     setup_tracing("router")
-    config = RouterConfig(nats_url=args.nats_url, model_name=model_label(args.model))
+    config = RouterConfig(
+        nats_url=args.nats_url,
+        model_name=model_label(args.model),
+        disagg_min_tokens=args.disagg_min_tokens,
+        disagg_max_queue_tokens=args.disagg_max_queue_tokens,
+    )
     service = RouterService(config, make_scorer(args.scorer))
     serve_on_bus(args.nats_url, "router", service.attach, args.metrics_port, args.metrics_host)
 

@@ -24,6 +24,7 @@ from kvmesh.schemas.messages import (
     RouterHealthRequest,
     Subjects,
 )
+from kvmesh.services.router.disagg import PrefillPolicy
 from kvmesh.services.router.scoring import KVAwareScorer, Scorer
 from kvmesh.services.router.telemetry import trace_decision
 from kvmesh.services.router.workers import WorkerRegistry
@@ -39,6 +40,8 @@ class RouterConfig:
     seed: int | None = None
     overlap_timeout_s: float = 0.05  # a slow index must not slow routing: fall back to load
     model_name: str = ""  # the model_name label of the router's metrics
+    disagg_min_tokens: int = 512  # remote prefill only for at least this many uncached prompt tokens
+    disagg_max_queue_tokens: int = 16384  # a prefill worker with this much outstanding work is saturated
 
 
 class RouterService:
@@ -54,8 +57,11 @@ class RouterService:
         self.index_ok = True
         self.bus: Bus | None = None
         self.metrics = RouterMetrics(config.model_name)
+        self.prefill_policy = PrefillPolicy(
+            config.disagg_min_tokens, config.disagg_max_queue_tokens, getattr(self.scorer, "block_size", 16)
+        )
 
-    async def overlap(self, req: RouteRequest) -> dict[str, int]:
+    async def overlap(self, req: RouteRequest, timeout: float | None = None) -> dict[str, int]:
         if not req.block_hashes or self.bus is None:
             return {}
         try:
@@ -63,7 +69,7 @@ class RouterService:
                 Subjects.KV_INDEX_OVERLAP,
                 OverlapRequest(block_hashes=req.block_hashes),
                 OverlapResult,
-                timeout=self.config.overlap_timeout_s,
+                timeout=timeout or self.config.overlap_timeout_s,
             )
         except BusError as exc:
             if self.index_ok:
@@ -71,16 +77,29 @@ class RouterService:
             self.index_ok = False
             return {}
         if not isinstance(reply, OverlapReply):
+            if self.index_ok:
+                log.warning("kv-index failed (%s: %s): routing by load", reply.code, reply.message)
             self.index_ok = False
             return {}
+        if not self.index_ok:
+            log.info("kv-index answers again: routing by prefix overlap")
         self.index_ok = True
         return reply.overlap
 
+    async def check_index(self, timeout: float = 1.0) -> bool:
+        """Ask the kv-index now (one single-block query), so that health tells its state as of now,
+        not as of the last routed request (a replica that routed nothing would not know)."""
+        probe = RouteRequest(request_id="health", num_tokens=0, max_tokens=0, block_hashes=[0])
+        await self.overlap(probe, timeout)
+        return self.index_ok
+
     async def route(self, req: RouteRequest) -> RouteReply | ErrorReply:
-        live = self.registry.live(req.exclude)
+        workers = self.registry.live(req.exclude)
+        live = [w for w in workers if w.stats.role != "prefill"]  # who can serve (decode) the request
+        prefill_pool = [w for w in workers if w.stats.role == "prefill"]
         if not live:
             return ErrorReply(code="no_workers", message="no live worker can take the request")
-        overlap = await self.overlap(req) if len(live) > 1 else {}
+        overlap = await self.overlap(req) if len(workers) > 1 else {}
         session_worker = self.sessions.get(req.session_id) if req.session_id else None
         self.scorer.begin(req, live)
         scored = [
@@ -98,8 +117,18 @@ class RouterService:
         reason = choice_score.reason if len(live) > 1 else "only"
         block = getattr(self.scorer, "block_size", 16)
         cached = min(overlap.get(wid, 0) * block, req.num_tokens)
-        # the work this request adds there until the next heartbeat reports it: uncached prefill + decode
-        choice.assigned_tokens += req.num_tokens - cached + req.max_tokens
+        prefill = self.prefill_policy.choose(
+            req.num_tokens, req.num_tokens - cached, prefill_pool, overlap, self.rng
+        )
+        if prefill_pool:  # a disaggregated mesh: count where each prompt was prefilled, and why
+            prefill_key = f"prefill_{prefill.reason}"
+            self.decisions[prefill_key] = self.decisions.get(prefill_key, 0) + 1
+        # the work this request adds until the next heartbeats report it: uncached prefill + decode
+        if prefill.worker is not None:
+            prefill.worker.assigned_tokens += prefill.uncached_tokens
+            choice.assigned_tokens += block + req.max_tokens  # the last partial block, then decode
+        else:
+            choice.assigned_tokens += req.num_tokens - cached + req.max_tokens
         available = min(max(overlap.values(), default=0) * block, req.num_tokens)
         self.decisions[reason] = self.decisions.get(reason, 0) + 1
         self.hit_tokens += cached
@@ -111,16 +140,25 @@ class RouterService:
             self.sessions.move_to_end(req.session_id)
             if len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
+        prefill_id = prefill.worker.stats.worker_id if prefill.worker is not None else None
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "route %s -> %s (%s) best of %d: %s",
+                "route %s -> %s (%s) prefill %s (%s) best of %d: %s",
                 req.request_id,
                 wid,
                 reason,
+                prefill_id or "local",
+                prefill.reason,
                 len(scored),
                 _best(scored, overlap),
             )
-        return RouteReply(worker_id=wid, reason=reason, score=choice_score.value)
+        return RouteReply(
+            worker_id=wid,
+            reason=reason,
+            score=choice_score.value,
+            prefill_worker_id=prefill_id,
+            prefill_reason=prefill.reason,
+        )
 
     async def attach(self, bus: Bus) -> None:
         self.bus = bus
@@ -136,6 +174,7 @@ class RouterService:
             self.registry.beat(hb)
 
         async def on_health(_req: RouterHealthRequest, _raw) -> RouterHealth:
+            await self.check_index()
             return self.health()
 
         await bus.serve(Subjects.WORKER_HEARTBEAT, Heartbeat, on_beat)

@@ -35,6 +35,22 @@ def main() -> None:
         default=env_default("KVMESH_MAX_WAITING", 64),
         help="accepted requests waiting to run; beyond, new ones are refused as overloaded (0: no bound)",
     )
+    parser.add_argument(
+        "--role",
+        choices=("aggregated", "prefill", "decode"),
+        default=env_default("KVMESH_WORKER_ROLE", "aggregated"),
+        help="prefill: computes prompts' KV for decode workers to pull; decode/aggregated: serve requests",
+    )
+    parser.add_argument(
+        "--nixl",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("KVMESH_NIXL", "1") not in ("0", "false", "no"),
+        help="own a NIXL agent over the KV cache (needed for disaggregated prefill)",
+    )
+    parser.add_argument("--lease-s", type=float, default=env_default("KVMESH_LEASE_S", 30.0))
+    parser.add_argument(
+        "--prefill-timeout", type=float, default=env_default("KVMESH_PREFILL_TIMEOUT_S", 120.0)
+    )
     args = parser.parse_args()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     setup_logging(f"worker[{worker_id}]", args.log_level)
@@ -45,6 +61,7 @@ def main() -> None:
     from kvmesh.libs.engine.engine import LLMEngine
     from kvmesh.libs.metrics_server import start_metrics_server
     from kvmesh.libs.tracing import setup_tracing
+    from kvmesh.services.worker.disagg import DisaggConfig
     from kvmesh.services.worker.kv_events import KVEventPublisher
     from kvmesh.services.worker.service import WorkerConfig, WorkerService
 
@@ -62,6 +79,7 @@ def main() -> None:
         nats_url=args.nats_url,
         worker_id=worker_id,
         model=args.model,
+        role=args.role,
         heartbeat_interval_s=args.heartbeat_interval,
         max_waiting=args.max_waiting,
     )
@@ -72,8 +90,12 @@ def main() -> None:
         metrics = await start_metrics_server(args.metrics_port, args.metrics_host)  # 503 until attached
         # The engine is built inside its own thread: see async_engine.py on OpenMP thread counts.
         llm = AsyncLLM(lambda: LLMEngine(engine_config, load_tokenizer=False))
-        await llm.ready()
-        service = WorkerService(config, llm)
+        engine = await llm.ready()
+        agent = await _start_agent(worker_id, engine) if args.nixl else None
+        if agent is None and args.role == "prefill":
+            raise SystemExit("a prefill worker needs its NIXL agent")
+        disagg = DisaggConfig(lease_s=args.lease_s, prefill_timeout_s=args.prefill_timeout)
+        service = WorkerService(config, llm, agent, disagg)
         bus = await Bus.connect(config.nats_url, f"worker-{worker_id}")
         await service.attach(bus)
         events = KVEventPublisher(bus, worker_id, llm.take_kv_events)
@@ -88,10 +110,25 @@ def main() -> None:
         await asyncio.gather(*tasks)
         await bus.close()
         llm.shutdown()
+        if agent is not None:
+            agent.close()
         if metrics is not None:
             await metrics.close()
 
     run(serve)
+
+
+async def _start_agent(worker_id: str, engine):
+    """The worker's NIXL agent over its whole KV cache, or None (logged) when NIXL cannot start."""
+    from kvmesh.libs.kv_transfer.agent import KVTransferAgent
+
+    try:
+        agent = KVTransferAgent(worker_id, engine.kv_cache, engine.model_path.name)
+        await agent.start()
+    except Exception as exc:
+        logging.getLogger("kvmesh.worker").warning("NIXL unavailable (%r): no disaggregated prefill", exc)
+        return None
+    return agent
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from kvmesh.libs.engine.async_engine import AsyncLLM
 from kvmesh.libs.engine.engine import EngineStats
 from kvmesh.libs.engine.outputs import RequestOutput
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.libs.kv_transfer.agent import KVTransferAgent
 from kvmesh.libs.metrics import WORKER_STATS
 from kvmesh.schemas.messages import (
     AbortRequest,
@@ -30,6 +31,7 @@ from kvmesh.schemas.messages import (
     TokenLogprobs,
     WorkerStats,
 )
+from kvmesh.services.worker.disagg import DisaggConfig, PrefillServer, RemotePrefill
 from kvmesh.services.worker.telemetry import RequestTelemetry, WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,25 @@ def to_params(req: GenerateRequest) -> SamplingParams:
 
 
 class WorkerService:
-    def __init__(self, config: WorkerConfig, llm: AsyncLLM) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        llm: AsyncLLM,
+        agent: KVTransferAgent | None = None,
+        disagg: DisaggConfig | None = None,
+    ) -> None:
         self.config = config
         self.llm = llm
         self.bus: Bus | None = None
         self._pumps: dict[str, asyncio.Task] = {}
         self._generate_sub = None
+        # disaggregation: a NIXL agent over the KV cache; prefill role serves, others pull
+        self.agent = agent
+        self.disagg = disagg or DisaggConfig()
+        self.prefill_server: PrefillServer | None = None
+        self.remote: RemotePrefill | None = None
+        self._remote_phase: set[str] = set()  # requests still getting their prompt blocks remotely
+        self._stop = asyncio.Event()
         engine = llm.engine
         block_size = engine.config.block_size if engine is not None else 16
         self.telemetry = WorkerTelemetry(config.model, config.worker_id, block_size)
@@ -87,6 +102,11 @@ class WorkerService:
             num_preemptions=s.num_preemptions,
             prefix_hit_tokens=s.prefix_hit_tokens,
             prefix_query_tokens=s.prefix_query_tokens,
+            num_leased_blocks=s.num_leased_blocks,
+            remote_prefills=self.remote.num_remote if self.remote else 0,
+            local_prefill_fallbacks=self.remote.num_fallbacks if self.remote else 0,
+            kv_blocks_pulled=self.agent.blocks_pulled if self.agent else 0,
+            kv_bytes_pulled=self.agent.bytes_pulled if self.agent else 0,
         )
 
     async def generate(self, req: GenerateRequest) -> GenerateAccepted | ErrorReply:
@@ -96,6 +116,8 @@ class WorkerService:
             # a bounded queue: the gateway tries another worker, or tells its client to retry later
             return ErrorReply(code="overloaded", message=f"{self.num_waiting()} requests already waiting")
         telemetry = self.telemetry.start(req)
+        if req.prefill_worker_id and self.remote is not None:
+            return await self._generate_disaggregated(req, telemetry)
         try:
             params = to_params(req)
             stream = await self.llm.add_request(req.request_id, req.token_ids, params)
@@ -109,6 +131,57 @@ class WorkerService:
             return ErrorReply(code=code, message=str(exc), field=exc.field)
         self._pumps[req.request_id] = asyncio.create_task(self._pump(req, stream, telemetry))
         return GenerateAccepted(worker_id=self.config.worker_id)
+
+    async def _generate_disaggregated(
+        self, req: GenerateRequest, telemetry: RequestTelemetry
+    ) -> GenerateAccepted | ErrorReply:
+        """Accept at once (after validation), then get the prompt's blocks from the prefill worker
+        and pull them while this worker keeps decoding its other requests."""
+        try:
+            params = to_params(req)
+            await self.llm.call(lambda e: e.validate(req.token_ids, params))
+        except InvalidRequestError as exc:
+            telemetry.fail(exc)
+            return _refusal(exc)
+        self._remote_phase.add(req.request_id)
+        self._pumps[req.request_id] = asyncio.create_task(self._remote_then_pump(req, params, telemetry))
+        return GenerateAccepted(worker_id=self.config.worker_id)
+
+    async def _remote_then_pump(
+        self, req: GenerateRequest, params: SamplingParams, telemetry: RequestTelemetry
+    ) -> None:
+        assert self.bus is not None and self.remote is not None and req.prefill_worker_id
+        rid = req.request_id
+        try:
+            commit = await self.remote.prepare(rid, req.token_ids, req.prefill_worker_id)
+            try:
+                stream = await self.llm.add_request(rid, req.token_ids, params, before=commit)
+            except Exception:
+                if commit is None:
+                    raise
+                log.exception("committing pulled blocks of %s failed: prefilling locally", rid)
+                await self.llm.call(lambda e: e.transfers.cancel(f"pull-{rid}"))
+                stream = await self.llm.add_request(rid, req.token_ids, params)
+        except Exception as exc:
+            log.exception("request %s failed before its first step", rid)
+            telemetry.fail(exc)
+            with contextlib.suppress(Exception):
+                await self.bus.publish(req.stream_subject, ErrorReply(code="internal", message=str(exc)))
+            self._pumps.pop(rid, None)
+            return
+        except asyncio.CancelledError:  # aborted while its blocks were on the way
+            self._pumps.pop(rid, None)
+            raise
+        finally:
+            self._remote_phase.discard(rid)
+        await self._pump(req, stream, telemetry)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._remote_phase:
+            task = self._pumps.get(request_id)
+            if task is not None:
+                task.cancel()
+        self.llm.abort(request_id)
 
     async def _pump(self, req: GenerateRequest, stream: asyncio.Queue, telemetry: RequestTelemetry) -> None:
         """Forward the engine's outputs for one request to its stream subject (no trace headers on
@@ -170,10 +243,13 @@ class WorkerService:
             return await self.generate(req)
 
         async def on_abort(req: AbortRequest, _raw) -> None:
-            self.llm.abort(req.request_id)
+            self.abort(req.request_id)
 
-        async def on_stats(_req: StatsRequest, _raw) -> WorkerStats:
-            return self.stats()
+        async def on_stats(req: StatsRequest, _raw) -> WorkerStats:
+            stats = self.stats()
+            if req.check_integrity:
+                stats.integrity_error = await self.integrity_error()
+            return stats
 
         async def on_status(req: RequestStatusQuery, _raw) -> RequestStatusReply:
             return RequestStatusReply(running=req.request_id in self._pumps)
@@ -182,6 +258,21 @@ class WorkerService:
         await bus.serve(Subjects.worker(wid, "abort"), AbortRequest, on_abort)
         await bus.serve(Subjects.worker(wid, "stats"), StatsRequest, on_stats)
         await bus.serve(Subjects.worker(wid, "status"), RequestStatusQuery, on_status)
+        if self.agent is not None:
+            if self.config.role == "prefill":
+                self.prefill_server = PrefillServer(wid, self.llm, self.agent, self.disagg)
+                await self.prefill_server.attach(bus)
+                self._background = asyncio.create_task(self.prefill_server.run(self._stop))
+            else:
+                self.remote = RemotePrefill(self.llm, self.agent, bus, self.disagg)
+
+    async def integrity_error(self) -> str | None:
+        """The engine's invariant check, run between two steps: None when every block adds up."""
+        try:
+            await self.llm.call(lambda e: e.check_integrity())
+        except AssertionError as exc:
+            return str(exc) or "integrity check failed"
+        return None
 
     def num_waiting(self) -> int:
         """Accepted requests not running yet. The engine's stats lag a step behind, so count the
@@ -199,11 +290,16 @@ class WorkerService:
         if pumps:
             _, pending = await asyncio.wait(pumps, timeout=timeout_s)
             for rid in list(self._pumps):
-                self.llm.abort(rid)
+                self.abort(rid)
             if pending:
                 await asyncio.wait(pending, timeout=5)
-            return len(pending)
-        return 0
+        self._stop.set()  # the prefill server's lease loop
+        return len(pending) if pumps else 0
+
+
+def _refusal(exc: InvalidRequestError) -> ErrorReply:
+    code = "prompt_too_long" if "context" in str(exc) or "do not fit" in str(exc) else "invalid_request"
+    return ErrorReply(code=code, message=str(exc), field=exc.field)
 
 
 def _chunk(out: RequestOutput) -> TokenChunk:
