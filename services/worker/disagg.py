@@ -27,6 +27,7 @@ from kvmesh.libs.engine.block_hash import hash_blocks
 from kvmesh.libs.engine.engine import LLMEngine
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.libs.kv_transfer.agent import KVTransferAgent, TransferError
+from kvmesh.libs.tracing import kv_transfer_span
 from kvmesh.schemas.messages import ErrorReply, StatsRequest, Subjects, WorkerStats
 from kvmesh.schemas.transfer import (
     NixlInfo,
@@ -155,11 +156,12 @@ class RemotePrefill:
         self.num_fallbacks = 0  # remote prefills that failed over to a local prefill
 
     async def prepare(
-        self, request_id: str, token_ids: list[int], prefill_worker: str
+        self, request_id: str, token_ids: list[int], prefill_worker: str, telemetry=None
     ) -> Callable[[LLMEngine], None] | None:
         """Get the prompt's blocks into this engine's prefix cache from `prefill_worker`. Returns
         the commit to run in the engine thread right before the request is added, or None when the
-        request should simply be prefilled here (nothing worth pulling, or a failure)."""
+        request should simply be prefilled here (nothing worth pulling, or a failure).
+        `telemetry` (the request's RequestTelemetry) gets the transfer's span and metrics."""
         block_size = self.agent.layout.block_size
         num_blocks = (len(token_ids) - 1) // block_size  # the last token is always computed here
         if num_blocks == 0:
@@ -172,7 +174,7 @@ class RemotePrefill:
         plan = None
         try:
             reply = await self._remote_prefill(request_id, prefix, prefill_worker)
-            plan = await self._pull(reply, prefill_worker, transfer_id, prefix, local)
+            plan = await self._pull(reply, prefill_worker, transfer_id, prefix, local, telemetry)
         except (BusError, TransferError, TimeoutError) as exc:
             log.warning("remote prefill of %s on %s failed (%s)", request_id, prefill_worker, exc)
         finally:  # released or never needed: the prefill side frees (or stops computing) its blocks
@@ -185,10 +187,18 @@ class RemotePrefill:
             self.num_fallbacks += 1
         else:
             self.num_remote += 1
+            if telemetry is not None:
+                telemetry.prefill_where = "remote"
         return plan
 
     async def _pull(
-        self, reply: PrefillReply, prefill_worker: str, transfer_id: str, prefix: list[int], local: int
+        self,
+        reply: PrefillReply,
+        prefill_worker: str,
+        transfer_id: str,
+        prefix: list[int],
+        local: int,
+        telemetry=None,
     ) -> Callable[[LLMEngine], None] | None:
         num_blocks = len(reply.block_ids)
         remote_ids = reply.block_ids[local:]
@@ -200,9 +210,11 @@ class RemotePrefill:
             for attempt in (1, 2):
                 try:
                     await self._ensure_peer(prefill_worker, reply.agent_name)
-                    await self.agent.pull(
-                        reply.agent_name, remote_ids, local_ids, self.config.transfer_timeout_s
-                    )
+                    nbytes = len(remote_ids) * self.agent.layout.block_bytes
+                    with _transfer_scope(telemetry, prefill_worker, len(remote_ids), nbytes):
+                        await self.agent.pull(
+                            reply.agent_name, remote_ids, local_ids, self.config.transfer_timeout_s
+                        )
                     break
                 except (BusError, TransferError, TimeoutError) as exc:
                     log.warning("pull from %s failed (attempt %d): %s", prefill_worker, attempt, exc)
@@ -273,3 +285,15 @@ class RemotePrefill:
             raise TransferError(f"{prefill_worker} restarted during the request")
         await self.agent.add_peer(info)
         self.peer_agents[prefill_worker] = agent_name
+
+
+def _transfer_scope(
+    telemetry, peer: str, num_blocks: int, num_bytes: int
+) -> contextlib.AbstractContextManager:
+    """The pull's span (a child of the request's) and its kvmesh:kv_transfer_* metrics."""
+    stack = contextlib.ExitStack()
+    if telemetry is None:
+        return stack
+    stack.enter_context(telemetry.active())
+    stack.enter_context(kv_transfer_span(peer, num_blocks, num_bytes, telemetry.metrics))
+    return stack

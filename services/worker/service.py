@@ -153,7 +153,7 @@ class WorkerService:
         assert self.bus is not None and self.remote is not None and req.prefill_worker_id
         rid = req.request_id
         try:
-            commit = await self.remote.prepare(rid, req.token_ids, req.prefill_worker_id)
+            commit = await self.remote.prepare(rid, req.token_ids, req.prefill_worker_id, telemetry)
             try:
                 stream = await self.llm.add_request(rid, req.token_ids, params, before=commit)
             except Exception:

@@ -9,6 +9,7 @@ import contextlib
 import random
 
 import pytest
+from prometheus_client import REGISTRY
 
 from kvmesh.libs.bus import Bus, decode
 from kvmesh.libs.engine.async_engine import AsyncLLM
@@ -142,13 +143,25 @@ async def assert_clean(pair: Pair) -> None:
         assert s.num_leased_blocks == 0 and s.num_free_blocks == s.num_blocks, (wid, s)
 
 
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model_name": "tiny", "worker_id": "d0", **labels}) or 0.0
+
+
 async def test_remote_prefill_pulls_only_missing_blocks_and_matches_local(pair, reference):
     rng = random.Random(1)
+    metrics = (
+        "kvmesh:kv_transfer_blocks_total",
+        "kvmesh:kv_transfer_bytes_total",
+        "kvmesh:kv_transfer_seconds_count",
+    )
+    before = [sample(m) for m in metrics] + [sample("kvmesh:prefill_requests_total", where="remote")]
     shared = prompt(rng, 5 * BLOCK)
     first = shared + prompt(rng, 3 * BLOCK + 5)  # 8 full blocks + a partial one
     assert await pair.generate("r1", first) == reference(first)
     s1 = await pair.stats("d0")
     assert (s1.remote_prefills, s1.kv_blocks_pulled, s1.local_prefill_fallbacks) == (1, 8, 0)
+    after = [sample(m) for m in metrics] + [sample("kvmesh:prefill_requests_total", where="remote")]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [8, s1.kv_bytes_pulled, 1, 1]
 
     second = shared + prompt(rng, 2 * BLOCK + 3)  # shares 5 blocks the decode worker now holds
     assert await pair.generate("r2", second) == reference(second)
