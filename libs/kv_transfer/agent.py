@@ -15,6 +15,7 @@ its UCX worker: `poll_notifs()` does that while a worker has blocks leased out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -165,7 +166,16 @@ class KVTransferAgent:
             return TransferResult(0, 0, 0.0)
         if max(remote_blocks) >= peer.info.num_blocks or max(local_blocks) >= self.num_blocks:
             raise TransferError("block id out of range")
-        result = await self._run(self._pull, peer, remote_blocks, local_blocks, timeout_s)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._thread, self._pull, peer, remote_blocks, local_blocks, timeout_s)
+        try:
+            result = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The READ keeps writing into our blocks until it completes: the caller may only hand
+            # them back once it has, or another request could be given blocks still being written.
+            with contextlib.suppress(Exception):
+                await fut
+            raise
         self.blocks_pulled += result.num_blocks
         self.bytes_pulled += result.num_bytes
         return result

@@ -18,6 +18,7 @@ from kvmesh.libs.engine.engine import LLMEngine
 from kvmesh.libs.engine.sampling_params import SamplingParams
 from kvmesh.libs.kv_transfer.agent import KVTransferAgent, TransferError
 from kvmesh.schemas.messages import (
+    AbortRequest,
     Finished,
     GenerateAccepted,
     GenerateRequest,
@@ -236,4 +237,42 @@ async def test_randomized_remote_and_local_requests_leave_no_block_behind(pair):
         jobs.append(pair.generate(f"x{i}", tokens, max_tokens=rng.randrange(1, 6), remote=rng.random() < 0.8))
     outs = await asyncio.gather(*jobs)
     assert all(outs)
+    await assert_clean(pair)
+
+
+async def test_abort_during_the_remote_phase_returns_every_block(pair, monkeypatch):
+    """The client leaves while the blocks are on their way: the reservation goes back, the prefill
+    worker's lease is released, nothing is streamed, nothing leaks."""
+    agent = pair.decode.agent
+    real_pull = agent.pull
+    entered = asyncio.Event()
+
+    async def slow_pull(*args, **kwargs):
+        entered.set()
+        await asyncio.sleep(2)
+        return await real_pull(*args, **kwargs)
+
+    monkeypatch.setattr(agent, "pull", slow_pull)
+    rng = random.Random(6)
+    req = GenerateRequest(
+        request_id="leaver",
+        token_ids=prompt(rng, 6 * BLOCK + 1),
+        sampling=SamplingOptions(max_tokens=4, temperature=0, ignore_eos=True),
+        stream_subject=Subjects.stream("leaver"),
+        prefill_worker_id="p0",
+    )
+    _sub, stream = await pair.client.subscribe_queue(req.stream_subject)
+    assert isinstance(
+        await pair.client.request(Subjects.worker("d0", "generate"), req, GenerateResult), GenerateAccepted
+    )
+    await asyncio.wait_for(entered.wait(), 10)
+    assert (await pair.stats("d0")).num_leased_blocks == 6, "the pull targets are reserved"
+    await pair.client.publish(Subjects.worker("d0", "abort"), AbortRequest(request_id="leaver"))
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        d, p = await pair.stats("d0"), await pair.stats("p0")
+        if d.num_leased_blocks == 0 and p.num_leased_blocks == 0:
+            break
+    assert stream.empty(), "an aborted request streams nothing"
+    assert "leaver" not in pair.decode._pumps
     await assert_clean(pair)
