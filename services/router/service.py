@@ -134,7 +134,7 @@ class RouterService:
         self.hit_tokens += cached
         self.available_hit_tokens += available
         self.metrics.decision(reason, cached, available)
-        trace_decision(wid, reason, choice_score.value, cached, available, overlap, scored)
+        trace_decision(wid, reason, choice_score.value, cached, available, overlap, scored, prefill)
         if req.session_id:
             self.sessions[req.session_id] = wid
             self.sessions.move_to_end(req.session_id)

@@ -1,6 +1,7 @@
 """What a routing decision puts on the request's trace (the `kvmesh.router.route` SERVER span the
 bus opened for it): the chosen worker, why, its score, the prefix reuse achieved and available, and
-the best-scored candidates with their scores and cached blocks."""
+the best-scored candidates with their scores and cached blocks, and where the prompt is prefilled
+(a prefill worker, or locally) and why."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def trace_decision(
     available_tokens: int,
     overlap: dict[str, int],
     scored: Sequence[tuple[Any, Any]],  # (Score, WorkerInfo)
+    prefill: Any = None,  # disagg.PrefillChoice: where the prompt is prefilled, and why
 ) -> None:
     span = trace.get_current_span()
     if not span.is_recording():
@@ -41,3 +43,7 @@ def trace_decision(
             "kvmesh.router.overlap_blocks": [overlap.get(w, 0) for w in ids],
         }
     )
+    if prefill is not None:
+        span.set_attribute("kvmesh.router.prefill_reason", prefill.reason)
+        if prefill.worker is not None:
+            span.set_attribute("kvmesh.router.prefill_worker_id", prefill.worker.stats.worker_id)

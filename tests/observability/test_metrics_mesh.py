@@ -8,30 +8,9 @@ import json
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from observability_checks import label_values, scrape, total
 
 MAX_TOKENS = 5
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of one /metrics page."""
-    r = httpx.get(url, timeout=10)
-    r.raise_for_status()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
-
-
-def label_values(samples: dict, name: str, label: str) -> set[str]:
-    return {dict(ls)[label] for (n, ls), _ in samples.items() if n == name and label in dict(ls)}
 
 
 def _request(client: httpx.Client, i: int, stream: bool) -> dict:

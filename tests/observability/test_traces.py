@@ -9,8 +9,8 @@ from collections import defaultdict
 
 import httpx
 import pytest
+from observability_checks import CLIENT, SERVER, complete_trace, one, trace_of
 
-SERVER, CLIENT = 2, 3  # OTLP span kinds
 PROMPT = "Tell me everything you know about the history of the Roman empire and its many emperors, please."
 
 
@@ -34,41 +34,10 @@ def _chat(mesh, stream: bool, max_tokens: int) -> str:
     return json.loads(events[0])["id"]
 
 
-def _complete_trace(request_id: str):
-    """A predicate: the request's trace has arrived whole (the HTTP root, the gateway's request span,
-    the worker's phases)."""
-
-    def done(spans) -> bool:
-        ids = {s.trace_id for s in spans if s.attributes.get("kvmesh.request_id") == request_id}
-        if len(ids) != 1:
-            return False
-        trace = [s for s in spans if s.trace_id in ids]
-        names = {s.name for s in trace}
-        has_root = any(not s.parent_id for s in trace)
-        return (
-            has_root
-            and {"kvmesh.gateway.request", "kvmesh.worker.decode", "kvmesh.tokenizer.encode"} <= names
-        )
-
-    return done
-
-
-def _trace_of(spans, request_id: str):
-    ids = {s.trace_id for s in spans if s.attributes.get("kvmesh.request_id") == request_id}
-    assert len(ids) == 1, f"request {request_id} spans {len(ids)} traces"
-    return [s for s in spans if s.trace_id in ids]
-
-
-def _one(spans, name: str, service: str, kind: int | None = None):
-    found = [s for s in spans if s.name == name and s.service == service and kind in (None, s.kind)]
-    assert len(found) == 1, f"{service}/{name}: {len(found)} spans"
-    return found[0]
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_one_trace_per_request_with_the_whole_path(traced_mesh, otlp, stream):
     request_id = _chat(traced_mesh, stream, max_tokens=6)
-    trace = _trace_of(otlp.wait_for(_complete_trace(request_id)), request_id)
+    trace = trace_of(otlp.wait_for(complete_trace(request_id)), request_id)
     by_id = {s.span_id: s for s in trace}
 
     # one root (FastAPI's HTTP server span), every other span's parent is in the same trace
@@ -77,7 +46,7 @@ def test_one_trace_per_request_with_the_whole_path(traced_mesh, otlp, stream):
         ("POST /v1/chat/completions", "kvmesh-gateway", SERVER)
     ]
     assert roots[0].attributes["http.response.status_code"] == 200
-    root = _one(trace, "kvmesh.gateway.request", "kvmesh-gateway")
+    root = one(trace, "kvmesh.gateway.request", "kvmesh-gateway")
     assert root.parent_id == roots[0].span_id
     for s in trace:
         assert not s.parent_id or s.parent_id in by_id, f"{s.service}/{s.name} has a dangling parent"
@@ -97,12 +66,12 @@ def test_one_trace_per_request_with_the_whole_path(traced_mesh, otlp, stream):
         ("kvmesh.router.route", "kvmesh-router"),
         ("kvmesh.worker.*.generate", "kvmesh-worker"),
     ]:
-        client = _one(trace, subject, "kvmesh-gateway", CLIENT)
-        server = _one(trace, subject, service, SERVER)
+        client = one(trace, subject, "kvmesh-gateway", CLIENT)
+        server = one(trace, subject, service, SERVER)
         assert client.parent_id == root.span_id
         assert server.parent_id == client.span_id
         hops[service] = server
-    overlap = _one(trace, "kvmesh.kv_index.overlap", "kvmesh-kv-index", SERVER)
+    overlap = one(trace, "kvmesh.kv_index.overlap", "kvmesh-kv-index", SERVER)
     assert by_id[overlap.parent_id].parent_id == hops["kvmesh-router"].span_id  # via the router's client span
 
     # the attributes each hop adds
@@ -121,14 +90,14 @@ def test_one_trace_per_request_with_the_whole_path(traced_mesh, otlp, stream):
     assert len(route["kvmesh.router.scores"]) == 2 and route["kvmesh.router.reason"] in ("prefix", "load")
 
     # the worker's request span covers queue -> prefill -> decode, timed by the engine
-    work = _one(trace, "kvmesh.worker.request", "kvmesh-worker")
+    work = one(trace, "kvmesh.worker.request", "kvmesh-worker")
     assert work.parent_id == hops["kvmesh-worker"].span_id
     assert work.attributes["kvmesh.worker_id"] == chosen
     assert work.attributes["gen_ai.usage.input_tokens"] == prompt_tokens
     assert work.attributes["gen_ai.usage.output_tokens"] == 6
     assert work.attributes["kvmesh.cached_tokens"] == root.attributes["kvmesh.cached_tokens"]
     assert work.attributes["kvmesh.queue_time_s"] >= 0
-    phases = [_one(trace, f"kvmesh.worker.{p}", "kvmesh-worker") for p in ("queue", "prefill", "decode")]
+    phases = [one(trace, f"kvmesh.worker.{p}", "kvmesh-worker") for p in ("queue", "prefill", "decode")]
     for phase in phases:
         assert phase.parent_id == work.span_id
         assert phase.start_ns <= phase.end_ns
@@ -140,10 +109,10 @@ def test_one_trace_per_request_with_the_whole_path(traced_mesh, otlp, stream):
 
 def test_no_span_per_token_and_no_traces_outside_requests(traced_mesh, otlp):
     short, long = _chat(traced_mesh, True, max_tokens=2), _chat(traced_mesh, True, max_tokens=40)
-    spans = otlp.wait_for(lambda s: _complete_trace(short)(s) and _complete_trace(long)(s))
+    spans = otlp.wait_for(lambda s: complete_trace(short)(s) and complete_trace(long)(s))
     counts = [defaultdict(int) for _ in range(2)]
     for count, rid in zip(counts, (short, long), strict=True):
-        for s in _trace_of(spans, rid):
+        for s in trace_of(spans, rid):
             count[(s.service, s.name)] += 1
     assert counts[0] == counts[1]  # 20x the tokens, the same spans
     # readiness probes (/health included), heartbeats and KV events make no traces: every trace is
