@@ -2,7 +2,9 @@
 
 `Dispatcher.dispatch` routes, subscribes to the stream subject, then submits. A worker that is gone
 (no responders), silent (no reply in time) or full (`overloaded`) is aborted, left out and the router
-asked again, up to DISPATCH_ATTEMPTS workers. Every submission streams on a subject of its own
+asked again, up to DISPATCH_ATTEMPTS workers. While a worker has not yet accepted, its status subject
+is checked every `Timeouts.liveness`: one that died holding the request is not waited for until the
+bus timeout. Every submission streams on a subject of its own
 (`<stream subject>.<n>` after the first), so nothing a former worker still sends can reach the request.
 When every worker tried was full the client gets 429 with Retry-After; when none was left, 503.
 
@@ -14,6 +16,7 @@ connection closes with its process, so the server answers "no responders" at onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import NamedTuple
 
@@ -82,9 +85,7 @@ class Dispatcher:
                 gen_req = msgspec.structs.replace(gen_req, stream_subject=f"{base_subject}.{n}")
             sub, queue = await self.bus.subscribe_queue(gen_req.stream_subject)
             try:
-                reply = await self.bus.request(
-                    Subjects.worker(worker_id, "generate"), gen_req, GenerateResult, self.timeouts.bus
-                )
+                reply = await self._submit(worker_id, gen_req)
             except (NoResponders, BusTimeout) as exc:
                 # A worker that timed out may have accepted after all: abort it there.
                 await self.release(worker_id, sub, gen_req.request_id)
@@ -113,6 +114,37 @@ class Dispatcher:
         raise GatewayError.unavailable(
             f"no worker took the request{': ' + failure if failure else ''}", "no_workers", RETRY_AFTER_S
         )
+
+    async def _submit(self, worker_id: str, gen_req: GenerateRequest) -> GenerateAccepted | ErrorReply:
+        """`generate`, waiting up to the bus timeout for the acceptance (the engine takes requests
+        between two steps, which can be slow under load), but not for a worker that has died after
+        receiving it: while waiting, its status subject is checked every `liveness` seconds."""
+        subject = Subjects.worker(worker_id, "generate")
+        reply = asyncio.ensure_future(self.bus.request(subject, gen_req, GenerateResult, self.timeouts.bus))
+        try:
+            while True:
+                done, _ = await asyncio.wait({reply}, timeout=self.timeouts.liveness)
+                if done:
+                    return reply.result()
+                if await self._gone(worker_id):
+                    raise NoResponders(f"worker {worker_id} died before accepting the request")
+        finally:
+            if not reply.done():
+                reply.cancel()
+                with contextlib.suppress(BaseException):
+                    await reply
+
+    async def _gone(self, worker_id: str) -> bool:
+        """True only when nobody listens on the worker's subjects any more."""
+        query = RequestStatusQuery(request_id="")
+        subject = Subjects.worker(worker_id, "status")
+        try:
+            await self.bus.request(subject, query, RequestStatusReply | ErrorReply, self.timeouts.probe)
+        except NoResponders:
+            return True
+        except Exception:
+            return False
+        return False
 
     async def holds(self, worker_id: str, request_id: str) -> bool:
         """False when the worker is gone, has lost the request or does not answer in time."""

@@ -81,7 +81,10 @@ class StandInWorker:
             await sub.unsubscribe()
         self.subs = []
 
-    async def on_generate(self, req: GenerateRequest, _raw) -> GenerateAccepted | ErrorReply:
+    async def on_generate(self, req: GenerateRequest, _raw) -> GenerateAccepted | ErrorReply | None:
+        if self.fail == "vanish":  # dies holding the request, before answering
+            await self.detach()
+            return None
         if self.overloaded:
             return ErrorReply(code="overloaded", message="3 requests already waiting")
         self.generates.append(req)
@@ -382,3 +385,11 @@ async def test_api_keys(mesh, gateway, caplog):
     for key in keys:
         assert key not in caplog.text, "a key reached the logs"
     assert keys[0] not in repr(GatewayConfig(api_keys=keys))
+
+
+async def test_a_worker_dying_before_it_accepts_is_not_waited_for(mesh, gateway, caplog):
+    client = await gateway(bus_timeout=30)  # the generate request alone would wait this long
+    mesh.workers["w0"].fail = "vanish"
+    text, _ = await stream_text(client, BODY)
+    assert text == ANSWER
+    assert "died before accepting" in caplog.text
