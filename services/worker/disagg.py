@@ -173,7 +173,8 @@ class RemotePrefill:
         transfer_id = f"pull-{request_id}"
         plan = None
         try:
-            reply = await self._remote_prefill(request_id, prefix, prefill_worker)
+            with telemetry.active() if telemetry is not None else contextlib.nullcontext():
+                reply = await self._remote_prefill(request_id, prefix, prefill_worker)
             plan = await self._pull(reply, prefill_worker, transfer_id, prefix, local, telemetry)
         except (BusError, TransferError, TimeoutError) as exc:
             log.warning("remote prefill of %s on %s failed (%s)", request_id, prefill_worker, exc)
