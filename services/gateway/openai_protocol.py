@@ -7,7 +7,7 @@ are ignored (as OpenAI-compatible servers such as vLLM do); `null` means "the de
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,6 +16,10 @@ from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.params import GenerationParams, PromptInput
 
 MAX_LOGPROBS = 20  # the engine's limit (libs/engine/sampling_params.py)
+# Integers go onto the wire as msgpack (64 bits at most): bound them here, so that an absurd value is
+# a 400 naming its field rather than a failure further down.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+INT64 = 2**63
 
 
 class _Body(BaseModel):
@@ -53,7 +57,7 @@ class _SamplingBody(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     n: int | None = None
     user: str | None = None
@@ -62,10 +66,10 @@ class _SamplingBody(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     # vLLM's extensions
-    top_k: int | None = Field(None, ge=-1)
-    min_tokens: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1, lt=2**31)
+    min_tokens: int | None = Field(None, ge=0, lt=INT64)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
 
@@ -75,13 +79,6 @@ class _SamplingBody(_Body):
         if n is not None and n != 1:
             raise ValueError(f"only n=1 is supported, got {n}")
         return n
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _token_ids(cls, ids: list[int] | None) -> list[int] | None:
-        if ids is not None and any(t < 0 for t in ids):
-            raise ValueError("token ids must be non-negative")
-        return ids
 
     @property
     def include_usage(self) -> bool:
@@ -134,7 +131,7 @@ class ChatCompletionRequest(_SamplingBody):
 
 class CompletionRequest(_SamplingBody):
     # One prompt: text, or token ids; a list holding exactly one of those is accepted too.
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = None
@@ -182,4 +179,4 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
