@@ -12,6 +12,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="kvmesh-kv-index")
     add_common_args(parser)
     parser.add_argument("--redis-url", default=env_default("KVMESH_REDIS_URL", "redis://127.0.0.1:6379"))
+    parser.add_argument(
+        "--replica-id",
+        default=env_default("KVMESH_KV_INDEX_REPLICA_ID", ""),
+        help="this replica's name in the write lease (default: hostname-pid-random)",
+    )
+    parser.add_argument(
+        "--lease-s",
+        type=float,
+        default=env_default("KVMESH_KV_INDEX_LEASE_S", 3.0),
+        help="write-lease time: a dead leader is replaced after at most this long",
+    )
+    parser.add_argument(
+        "--silent-worker-s",
+        type=float,
+        default=env_default("KVMESH_KV_INDEX_SILENT_WORKER_S", 10.0),
+        help="a worker known only from its KV events is dropped after this long without a heartbeat",
+    )
     args = parser.parse_args()
     setup_logging("kv-index", args.log_level)
     from kvmesh.libs.bus import Bus
@@ -28,15 +45,16 @@ def main() -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         metrics = await start_metrics_server(args.metrics_port, args.metrics_host)
-        redis = redis_client(args.redis_url)  # credentials and TLS: KVMESH_REDIS_*
-        service = KVIndexService(KVIndex(redis, extra, hash_seed(None)))
+        # bounded waits: a hung Redis must fail the query (the router then routes by load), not stall it
+        redis = redis_client(args.redis_url, socket_connect_timeout=2, socket_timeout=5)  # KVMESH_REDIS_*
+        index = KVIndex(redis, extra, hash_seed(None))
+        service = KVIndexService(index, args.replica_id, args.lease_s, args.silent_worker_s)
         bus = await Bus.connect(args.nats_url, "kv-index")
         await service.attach(bus)
         if metrics is not None:
             metrics.attached(bus)
-        expiry = asyncio.create_task(service.expiry_loop(stop))
         await stop.wait()
-        await expiry
+        await service.close()
         await bus.close()
         await redis.aclose()
         if metrics is not None:

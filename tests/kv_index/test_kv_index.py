@@ -38,6 +38,7 @@ async def setup(nats_url, redis_url, tiny_model_path):
     bus = await Bus.connect(nats_url, "kv-index")
     await service.attach(bus)
     yield service, bus, extra
+    await service.close()
     await bus.close()
     await redis.aclose()
 
