@@ -9,13 +9,12 @@ import logging
 import time
 from typing import NamedTuple
 
-import torch
-
 from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_tokenizer
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
 from kvmesh.libs.engine.block_pool import BlockPool
 from kvmesh.libs.engine.config import EngineConfig, parse_dtype
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
+from kvmesh.libs.engine.kv_memory import alloc_kv_cache
 from kvmesh.libs.engine.llama import LlamaModel
 from kvmesh.libs.engine.model_runner import ModelRunner
 from kvmesh.libs.engine.model_store import resolve_model
@@ -63,8 +62,8 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30 // block_bytes))
         # Block-major: kv_cache[b] is one contiguous range holding block b of every layer (one NIXL
         # descriptor per block). Inside a block each head's [block_size, head_dim] run is contiguous.
-        self.kv_cache = torch.zeros(
-            num_blocks, mcfg.num_layers, 2, mcfg.num_kv_heads, bs, mcfg.head_dim, dtype=dtype
+        self.kv_cache = alloc_kv_cache(
+            (num_blocks, mcfg.num_layers, 2, mcfg.num_kv_heads, bs, mcfg.head_dim), dtype
         )
         self.pool = BlockPool(num_blocks, bs, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
