@@ -46,12 +46,14 @@ def _peer(shape: tuple[int, ...], info_q, stop_q) -> None:
     """The prefill side: owns a cache, registers it, keeps its agent progressing."""
     import torch
 
+    from kvmesh.libs.engine.kv_memory import alloc_kv_cache
     from kvmesh.libs.kv_transfer.agent import KVTransferAgent
 
     configure_threads(1)
 
     async def serve() -> None:
-        kv = torch.randn(shape).to(torch.bfloat16)
+        kv = alloc_kv_cache(shape, torch.bfloat16)  # as the engine allocates its cache
+        kv.copy_(torch.randn(shape))
         agent = KVTransferAgent("bench-peer", kv, "bench")
         await agent.start()
         info_q.put(msgspec.msgpack.encode(agent.info()))
@@ -66,6 +68,7 @@ def _peer(shape: tuple[int, ...], info_q, stop_q) -> None:
 def bench_transfer() -> dict:
     import torch
 
+    from kvmesh.libs.engine.kv_memory import alloc_kv_cache
     from kvmesh.libs.kv_transfer.agent import KVTransferAgent
     from kvmesh.schemas.transfer import NixlInfo
 
@@ -78,8 +81,9 @@ def bench_transfer() -> dict:
 
     async def run() -> dict:
         info = msgspec.msgpack.decode(info_q.get(timeout=120), type=NixlInfo)
-        kv = torch.zeros(shape, dtype=torch.bfloat16)
-        src = torch.randn(shape).to(torch.bfloat16)  # the in-process baseline's source
+        kv = alloc_kv_cache(shape, torch.bfloat16)
+        src = alloc_kv_cache(shape, torch.bfloat16)  # the in-process baseline's source
+        src.copy_(torch.randn(shape))
         agent = KVTransferAgent("bench-local", kv, "bench")
         await agent.start()
         t0 = time.perf_counter()
