@@ -58,13 +58,17 @@ class KVAwareScorer:
         pass
 
     def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
-        cached = min(overlap_blocks * self.block_size, req.num_tokens)
-        cost = self.prefill_weight * (req.num_tokens - cached) + self.load_weight * worker.load_tokens
-        cost += worker.stats.kv_usage
+        # runs once per live worker per request (hundreds of times): plain arithmetic, no calls
+        n = req.num_tokens
+        cached = overlap_blocks * self.block_size
+        if cached > n:
+            cached = n
+        stats = worker.stats
+        load = stats.outstanding_tokens + worker.assigned_tokens
+        cost = self.prefill_weight * (n - cached) + self.load_weight * load + stats.kv_usage
         if session_match:
-            cost -= self.session_bonus
-        reason = "prefix" if cached else ("session" if session_match else "load")
-        return Score(cost, reason)
+            return Score(cost - self.session_bonus, "prefix" if cached else "session")
+        return Score(cost, "prefix" if cached else "load")
 
 
 class RoundRobinScorer:
