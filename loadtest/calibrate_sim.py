@@ -2,9 +2,10 @@
 
 Runs the real engine in this process (default model, bf16, 2 threads unless told otherwise) on
 steps of known shape and times each `step()`. The machine is shared (other processes steal the
-cores now and then), so each point keeps the fastest repeat (prefill) or the lower quartile of the
-steps (decode, best of two runs): the engine's own cost, not the neighbours'. Run it on a quiet
-machine all the same, and check `load_average_at_end` and the validation in the profile.
+cores now and then), so each measurement first waits for idle cores (bounded), and each point
+keeps the fastest repeat (prefill) or the lower quartile of the steps (decode, best of two runs):
+the engine's own cost, not the neighbours'. Check `load_average_at_end` and the validation in the
+profile all the same.
   prefill   one fresh prompt of n tokens (n = 16 .. 512) in one step: fixed cost + cost per token;
   chunks    a 2,048-token prompt in 512-token chunks: the extra attention cost over cached context;
   decode    B requests decoding together (B = 1 .. 64, 128-token prompts): step time by batch size,
@@ -34,6 +35,28 @@ from kvmesh.libs.threads import configure_threads
 BUDGET = 512
 
 
+def cpu_idle(interval_s: float = 0.5) -> float:
+    """Fraction of the machine's CPU time spent idle over the next `interval_s` (Linux /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(interval_s)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(min_idle: float = 0.8, max_wait_s: float = 300.0) -> None:
+    """Wait (bounded) until no other process keeps the cores busy: a neighbour's burst would be
+    measured as the engine's cost."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline and cpu_idle() < min_idle:
+        pass
+
+
 def fresh(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1000, 40000) for _ in range(n)]
 
@@ -58,6 +81,7 @@ def measure_prefill(engine, rng, sizes: list[int], repeats: int) -> dict[int, fl
     for n in sizes:
         times = []
         for r in range(repeats):
+            wait_quiet()
             engine.add_request(f"p{n}-{r}", fresh(rng, n), SamplingParams(max_tokens=1, ignore_eos=True))
             times.append(timed_step(engine))
             drain(engine)
@@ -72,6 +96,7 @@ def measure_chunks(engine, rng, prompt_len: int, repeats: int) -> dict[int, floa
 
     by_ctx: dict[int, list[float]] = {}
     for r in range(repeats):
+        wait_quiet()
         engine.add_request(f"c{r}", fresh(rng, prompt_len), SamplingParams(max_tokens=1, ignore_eos=True))
         ctx = 0
         while engine.has_unfinished_requests():
@@ -93,6 +118,7 @@ def measure_decode(engine, rng, batch: int, prompt_len: int, steps: int) -> tupl
     ]
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in reqs):
         engine.step()
+    wait_quiet()
     ctx = statistics.mean(r.num_tokens for r in reqs) + steps / 2
     times = sorted(timed_step(engine) for _ in range(steps))
     drain(engine)
@@ -212,6 +238,7 @@ def main() -> None:
     )
     print("validation: a mixed workload on the real engine and on the simulated core", flush=True)
     work = mixed_workload(random.Random(1))
+    wait_quiet()
     real_span, real_ttft = replay_real(engine, work)
     sim_span, sim_ttft = replay_sim(profile, work, cfg.num_kv_blocks)
     validation = {

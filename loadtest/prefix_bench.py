@@ -1,0 +1,392 @@
+"""KV-aware routing against round-robin and random on a multi-tenant shared-prefix workload.
+
+The workload (prefix_workload.py): tenants with long system prompts, several users each with a
+context of their own, fresh questions, Poisson arrivals stepped up to saturation. The same trace
+runs under each routing policy (`--scorer kv | round-robin | random` of the router) on a fresh
+stack each time (empty caches, empty index):
+  real-2    the real mesh (`kvmesh up`'s processes: gateway, tokenizer, router, kv-index, 2 real
+            workers), driven over HTTP; KV caches too small for every prefix on every worker;
+  sim-64    64 simulated workers (one process) + real router, kv-index, NATS and Redis, driven
+  sim-256   over NATS the way the gateway drives workers (see prefix_clients.py).
+Measured per rate step: TTFT p50/p90, completed req/s, prefix hit rate achieved by the workers
+against the oracle (the longest prefix any worker held at decision time, per the index) and the
+ideal (an infinite cache). Then the router's decision latency with 256 workers and 128-block
+prompts, kv-index lookup included. Targets at saturation: TTFT p90 >= 20x better than
+round-robin, hit rate >= 95 % of the oracle.
+
+    python -m kvmesh.loadtest.prefix_bench [--configs real-2,sim-64,sim-256] [--quick]
+        -> loadtest/results/prefix_bench.json (+ .png); logs in loadtest/results/prefix_bench_logs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmesh.libs.threads import configure_threads
+from kvmesh.loadtest.prefix_workload import WorkloadSpec, build_trace
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCORERS = ("kv", "round-robin", "random")
+# Saturation shows as queueing (TTFT), not as refusals: no bound on queued requests per worker, no
+# admission limit or first-token timeout at the gateway.
+UNBOUNDED_QUEUE = ["--max-waiting", "0"]
+UNBOUNDED_GATEWAY = ["--max-inflight", "0", "--first-token-timeout", "3600", "--request-timeout", "3600"]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    name: str
+    kind: str  # real | sim
+    workers: int
+    kv_blocks: int  # per worker
+    spec: WorkloadSpec
+    speedup: float = 1.0  # sim: modelled time runs this much faster than wall time
+    drain_s: float = 20.0  # model seconds after the last arrival before in-flight requests are cut
+    worker_args: list[str] = field(default_factory=list)
+
+
+def configs(quick: bool) -> dict[str, BenchConfig]:
+    sim_spec = WorkloadSpec(groups=50, users_per_group=8, output_tokens=16, step_s=10.0 if quick else 16.0)
+    return {
+        "real-2": BenchConfig(
+            "real-2",
+            "real",
+            2,
+            kv_blocks=200,  # 8 tenants x 56 blocks = 448: each worker holds about 3 of them
+            spec=WorkloadSpec(
+                groups=8,
+                system_tokens=752,
+                users_per_group=4,
+                user_tokens=32,
+                question_tokens=32,
+                output_tokens=8,
+                rates=(0.4, 0.8, 1.2) if quick else (0.4, 0.8, 1.2, 1.6),
+                step_s=25.0 if quick else 30.0,
+            ),
+            drain_s=30.0,
+        ),
+        # 50 tenants x 128 blocks; 512 blocks per worker hold ~3 of them
+        "sim-64": BenchConfig(
+            "sim-64", "sim", 64, 512, dataclasses.replace(sim_spec, rates=(6.0, 12.0, 18.0, 24.0))
+        ),
+        "sim-256": BenchConfig(
+            "sim-256",
+            "sim",
+            256,
+            512,
+            dataclasses.replace(sim_spec, rates=(24.0, 48.0, 72.0, 96.0)),
+            speedup=0.5,
+        ),
+    }
+
+
+class SimStack:
+    """nats-server, redis-server, kv-index, router (with the policy under test) and one process of
+    simulated workers, each started fresh; logs under `log_dir`."""
+
+    def __init__(self, cfg: BenchConfig, scorer: str, log_dir: Path) -> None:
+        self.cfg, self.scorer, self.log_dir = cfg, scorer, log_dir
+        self.procs: list[subprocess.Popen] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="prefix-bench-")
+        self.metrics_port = 0
+
+    def __enter__(self) -> SimStack:
+        from kvmesh.libs.launcher import free_port, start_nats_server, start_redis_server
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        nats_port, redis_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.nats_url, redis_url = f"nats://127.0.0.1:{nats_port}", f"redis://127.0.0.1:{redis_port}"
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.procs.append(start_nats_server(nats_port, Path(self._tmp.name) / "js", **quiet))
+        self.procs.append(start_redis_server(redis_port, **quiet))
+        env = {
+            "KVMESH_NATS_URL": self.nats_url,
+            "KVMESH_REDIS_URL": redis_url,
+            "KVMESH_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "KVMESH_LOG_LEVEL": "WARNING",
+        }
+        c = self.cfg
+        py = [sys.executable, "-m"]
+        self._spawn("kv-index", [*py, "kvmesh.services.kv_index"], env)
+        router = [
+            *py,
+            "kvmesh.services.router",
+            "--scorer",
+            self.scorer,
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        self._spawn("router", router, env)
+        fleet = [*py, "kvmesh.services.sim_worker", "--count", str(c.workers), "--id-prefix", "sim"]
+        fleet += ["--num-kv-blocks", str(c.kv_blocks), "--speedup", str(c.speedup), *UNBOUNDED_QUEUE]
+        fleet += c.worker_args
+        self._spawn("sim-workers", fleet, {**env, "KVMESH_LOG_LEVEL": "INFO"})
+        asyncio.run(wait_workers(self.nats_url, c.workers, self.procs))
+        return self
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        import os
+
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
+        self.procs.append(
+            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        )
+
+    def __exit__(self, *exc) -> None:
+        for p in reversed(self.procs):  # services first (they drain), the infrastructure last
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self._tmp.cleanup()
+
+
+async def wait_workers(
+    nats_url: str, count: int, procs: list[subprocess.Popen], timeout: float = 120
+) -> None:
+    """Until the router lists `count` live workers."""
+    from kvmesh.libs.bus import Bus, BusError
+    from kvmesh.schemas.messages import RouterHealth, RouterHealthRequest, Subjects
+
+    bus = await Bus.connect(nats_url, "prefix-bench")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a process of the stack exited early (see the logs)")
+            try:
+                h = await bus.request(Subjects.ROUTER_HEALTH, RouterHealthRequest(), RouterHealth, timeout=2)
+                if len(h.workers) >= count:
+                    return
+            except BusError:
+                pass
+            await asyncio.sleep(0.25)
+        raise TimeoutError(f"the router did not see {count} workers in {timeout:.0f} s")
+    finally:
+        await bus.close()
+
+
+async def drive(cfg: BenchConfig, scorer: str, trace, nats_url: str, base_url: str | None) -> dict:
+    """Run the trace against a started stack; returns the run's summary (and the raw records)."""
+    from kvmesh.libs.bus import Bus
+    from kvmesh.loadtest.prefix_clients import HttpClient, NatsClient, run_trace
+    from kvmesh.loadtest.prefix_report import summarize_run
+    from kvmesh.schemas.messages import RouterHealth, RouterHealthRequest, Subjects
+
+    s = cfg.speedup
+    spec = cfg.spec
+    wall = [dataclasses.replace(r, arrival_s=r.arrival_s / s) for r in trace]
+    bus = await Bus.connect(nats_url, "prefix-bench")
+    t0 = time.perf_counter() + 0.5
+    if base_url is None:
+        client = NatsClient(bus, f"{cfg.name}-{scorer}", spec.output_tokens, t0)
+    else:
+        client = HttpClient(base_url, spec.model, spec.output_tokens, t0)
+    health: list[tuple[int, int]] = []
+
+    async def snapshot() -> None:
+        h = await bus.request(Subjects.ROUTER_HEALTH, RouterHealthRequest(), RouterHealth, timeout=5)
+        health.append((h.hit_tokens, h.available_hit_tokens))
+
+    async def boundaries() -> None:
+        for k in range(len(spec.rates) + 1):
+            await asyncio.sleep(max(0.0, t0 + k * spec.step_s / s - time.perf_counter()))
+            await snapshot()
+
+    async def progress(records) -> None:
+        from kvmesh.loadtest.load_report import percentile
+
+        while True:
+            await asyncio.sleep(5)
+            now = (time.perf_counter() - t0) * s
+            sent = [r for r in records if r.arrival_s * s <= now]
+            ttft = sorted(r.ttft_s * s for r in sent if r.ttft_s is not None)
+            done = sum(r.finish_s is not None for r in sent)
+            p = (f"{percentile(ttft, 50):.2f}/{percentile(ttft, 90):.2f} s") if ttft else "-"
+            step = min(int(now // spec.step_s), len(spec.rates) - 1)
+            print(
+                f"  [{cfg.name} {scorer}] t={now:6.1f}s step {step + 1}/{len(spec.rates)} "
+                f"({spec.rates[step]:g} req/s): sent {len(sent)}, done {done}, "
+                f"errors {sum(r.error is not None for r in sent)}, TTFT p50/p90 {p}",
+                flush=True,
+            )
+
+    marks = asyncio.create_task(boundaries())
+    cutoff = (len(spec.rates) * spec.step_s + cfg.drain_s) / s
+    records = await run_trace(client, wall, t0, cutoff, progress)
+    await marks
+    summary = summarize_run(records, spec.step_s, len(spec.rates), s, cutoff, health)
+    await bus.close()
+    return summary
+
+
+async def decision_latency(nats_url: str, trace, metrics_port: int, n: int = 400) -> dict:
+    """Sequential routing requests with the trace's 128-block prompts against the live router
+    (256 workers, a warm index): round trip as the gateway sees it, and the router's own histogram
+    of decision time (kv-index query included) over the whole run."""
+    from kvmesh.libs.bus import Bus
+    from kvmesh.loadtest.load_report import pct_ms
+    from kvmesh.schemas.messages import RouteReply, RouteRequest, RouteResult, Subjects
+
+    bus = await Bus.connect(nats_url, "prefix-bench-latency")
+    rtts = []
+    blocks = []
+    for i in range(n):
+        r = trace[i % len(trace)]
+        req = RouteRequest(
+            request_id=f"probe-{i}", num_tokens=len(r.token_ids), max_tokens=16, block_hashes=r.block_hashes
+        )
+        t = time.perf_counter()
+        reply = await bus.request(Subjects.ROUTER_ROUTE, req, RouteResult, timeout=5)
+        rtts.append(time.perf_counter() - t)
+        assert isinstance(reply, RouteReply), reply
+        blocks.append(len(r.block_hashes))
+    await bus.close()
+    out = {
+        "probes": n,
+        "prompt_blocks": sorted(set(blocks)),
+        "route_rtt_ms": {"p50": pct_ms(rtts, 50), "p90": pct_ms(rtts, 90), "p99": pct_ms(rtts, 99)},
+    }
+    out["router_histogram"] = scrape_decision_histogram(metrics_port)
+    return out
+
+
+def scrape_decision_histogram(port: int) -> dict:
+    """kvmesh:router_decision_seconds from the router's /metrics: the share of decisions within each
+    bucket bound (cumulative), over every decision since the router started."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as exc:
+        return {"error": repr(exc)}
+    buckets, count = {}, 0.0
+    for line in text.splitlines():
+        if line.startswith("kvmesh:router_decision_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("kvmesh:router_decision_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    if not count:
+        return {"decisions": 0}
+    share = {
+        f"le_{le}s": round(v / count, 5) for le, v in buckets.items() if le in ("0.001", "0.0025", "0.005")
+    }
+    return {"decisions": int(count), **share}
+
+
+def run_config(cfg: BenchConfig, scorers: tuple[str, ...], log_root: Path, probe: bool) -> dict:
+    from kvmesh.loadtest.prefix_report import compare
+
+    trace = build_trace(cfg.spec)
+    print(
+        f"== {cfg.name}: {cfg.workers} {cfg.kind} workers, {cfg.kv_blocks} KV blocks each, "
+        f"{len(trace)} requests ({cfg.spec.groups} tenants x {cfg.spec.users_per_group} users, "
+        f"{cfg.spec.prompt_tokens}-token prompts), rates {cfg.spec.rates} req/s x {cfg.spec.step_s:g} s, "
+        f"speedup {cfg.speedup:g}",
+        flush=True,
+    )
+    out: dict = {"config": _describe(cfg, len(trace)), "runs": {}}
+    for scorer in scorers:
+        t = time.monotonic()
+        log_dir = log_root / f"{cfg.name}-{scorer}"
+        if cfg.kind == "sim":
+            with SimStack(cfg, scorer, log_dir) as stack:
+                out["runs"][scorer] = asyncio.run(drive(cfg, scorer, trace, stack.nats_url, None))
+                if probe and scorer == "kv":
+                    out["decision_latency"] = asyncio.run(
+                        decision_latency(stack.nats_url, trace, stack.metrics_port)
+                    )
+                    print(f"  decision latency: {out['decision_latency']}", flush=True)
+        else:
+            from kvmesh.libs.launcher import Mesh, MeshConfig
+
+            mesh_cfg = MeshConfig(
+                num_workers=cfg.workers,
+                worker_args=["--num-kv-blocks", str(cfg.kv_blocks), *UNBOUNDED_QUEUE, *cfg.worker_args],
+                router_args=["--scorer", scorer],
+                gateway_args=UNBOUNDED_GATEWAY,
+                log_dir=log_dir,
+            )
+            with Mesh(mesh_cfg) as mesh:
+                mesh.wait_ready(300)
+                out["runs"][scorer] = asyncio.run(drive(cfg, scorer, trace, mesh.nats_url, mesh.base_url))
+        last = out["runs"][scorer]["steps"][-1]
+        print(
+            f"  {scorer}: done in {time.monotonic() - t:.0f} s; at saturation TTFT p90 "
+            f"{last['ttft_s']['p90']} s, hit {last['hit_rate']} (oracle {last.get('oracle_hit_rate')}), "
+            f"{last['throughput_req_s']} req/s",
+            flush=True,
+        )
+    out["comparison"] = compare(out["runs"])
+    print(f"  comparison: {out['comparison']}", flush=True)
+    return out
+
+
+def _describe(cfg: BenchConfig, num_requests: int) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["spec"]["rates"] = list(cfg.spec.rates)
+    d["requests"] = num_requests
+    return d
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", default="real-2,sim-64,sim-256")
+    parser.add_argument("--scorers", default=",".join(SCORERS))
+    parser.add_argument("--quick", action="store_true", help="shorter steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "prefix_bench.json")
+    args = parser.parse_args()
+    configure_threads(1)
+    from kvmesh.loadtest.prefix_report import plot
+    from kvmesh.services.sim_worker.timing import load_profile
+
+    all_cfgs = configs(args.quick)
+    names = [n for n in args.configs.split(",") if n]
+    scorers = tuple(s for s in args.scorers.split(",") if s)
+    profile = load_profile()
+    result: dict = {
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "timing_profile": _profile_summary(profile),
+        "configs": {},
+    }
+    t = time.monotonic()
+    for name in names:
+        result["configs"][name] = run_config(
+            all_cfgs[name], scorers, args.out.parent / "prefix_bench_logs", name == "sim-256"
+        )
+    result["duration_s"] = round(time.monotonic() - t, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['duration_s']:.0f} s")
+
+
+def _profile_summary(profile) -> dict:
+    import msgspec
+
+    d = msgspec.to_builtins(profile)
+    d["meta"] = {
+        k: v for k, v in d.get("meta", {}).items() if k in ("measured_at", "threads", "dtype", "validation")
+    }
+    return d
+
+
+if __name__ == "__main__":
+    main()
