@@ -121,6 +121,10 @@ class GenerateRequest(Message, tag=_tag("GenerateRequest")):
     stream_subject: str  # where the worker publishes this request's TokenChunks and Finished
     # disaggregated: this prefill worker computes the prompt's full blocks, the receiver pulls them
     prefill_worker_id: str | None = None
+    # The continuation of a request the mesh had admitted, moving from a worker that lost it: taken
+    # even beyond the waiting bound (refusing it would lose an admitted request; bounded by the
+    # admitted requests of the lost worker).
+    migrated: bool = False
 
 
 class GenerateAccepted(Message, tag=_tag("GenerateAccepted")):

@@ -57,8 +57,9 @@ def resume(original: Submission, output_ids: list[int], exclude: list[str], n: i
         resumed_tokens=s.resumed_tokens + done,
     )
     token_ids = [*gen.token_ids, *output_ids]
+    subject = f"{gen.stream_subject}.m{n}"
     gen = msgspec.structs.replace(
-        gen, token_ids=token_ids, sampling=sampling, stream_subject=f"{gen.stream_subject}.m{n}"
+        gen, token_ids=token_ids, sampling=sampling, stream_subject=subject, migrated=True
     )
     excluded = [*route.exclude, *(w for w in exclude if w not in route.exclude)]
     route = msgspec.structs.replace(route, num_tokens=len(token_ids), max_tokens=remaining, exclude=excluded)

@@ -112,7 +112,7 @@ class WorkerService:
     async def generate(self, req: GenerateRequest) -> GenerateAccepted | ErrorReply:
         if req.request_id in self._pumps:
             return ErrorReply(code="invalid_request", message=f"duplicate request id {req.request_id}")
-        if self.num_waiting() >= self.config.max_waiting > 0:
+        if self.num_waiting() >= self.config.max_waiting > 0 and not req.migrated:
             # a bounded queue: the gateway tries another worker, or tells its client to retry later
             return ErrorReply(code="overloaded", message=f"{self.num_waiting()} requests already waiting")
         telemetry = self.telemetry.start(req)

@@ -231,6 +231,7 @@ def test_a_continuation_carries_prompt_plus_output_and_the_budget_left():
     assert (s.max_tokens, s.min_tokens, s.resumed_tokens, s.seed, s.temperature) == (7, 1, 3, 7, 0.8)
     assert nxt.generate.stream_subject == Subjects.stream("chatcmpl-1") + ".m1"
     assert nxt.generate.request_id == "chatcmpl-1", "one request id end to end"
+    assert nxt.generate.migrated and not gen.migrated, "admitted already: not refused as overloaded"
     assert (nxt.route.num_tokens, nxt.route.max_tokens) == (8, 7)
     assert nxt.route.exclude == ["w0", "w1"] and nxt.route.block_hashes == [11]
     assert stream.resume(Submission(route, gen), list(range(10)), ["w1"], 1) is None, "nothing left"

@@ -85,7 +85,7 @@ class StandInWorker:
         if self.fail == "vanish":  # dies holding the request, before answering
             await self.detach()
             return None
-        if self.overloaded:
+        if self.overloaded and not req.migrated:  # like the real worker's bounded queue
             return ErrorReply(code="overloaded", message="3 requests already waiting")
         self.generates.append(req)
         task = self.running[req.request_id] = asyncio.create_task(self._stream(req))
@@ -413,3 +413,11 @@ async def test_integers_beyond_the_wire_are_400_not_500(mesh, client, body, para
     assert r.json()["error"]["param"] == param
     r = await client.post("/detokenize", json={"tokens": [2**70]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
+async def test_a_lost_request_moves_even_to_a_full_worker(mesh, client):
+    """It was admitted already: a full survivor takes it rather than lose it (found by the soak)."""
+    mesh.workers["w0"].fail, mesh.workers["w0"].fail_after = "die", 3
+    mesh.workers["w1"].overloaded = True
+    text, _ = await stream_text(client, BODY)
+    assert text == ANSWER and mesh.workers["w1"].generates[0].migrated
