@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from kvmesh.libs.bus import Bus
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
-from kvmesh.libs.launcher import Mesh, MeshConfig
+from kvmesh.libs.launcher import Mesh, MeshConfig, start_nats_server
 from kvmesh.schemas.kv_events import BlockStored
 from kvmesh.schemas.messages import (
     ErrorReply,
@@ -29,7 +30,7 @@ from kvmesh.schemas.messages import (
 from kvmesh.services.kv_index.index import KVIndex
 from kvmesh.services.kv_index.lease import LEASE
 from kvmesh.services.kv_index.service import KVIndexService
-from kvmesh.services.worker.kv_events import KVEventPublisher
+from kvmesh.services.worker.kv_events import STREAM, KVEventPublisher
 
 BS = 4
 EXTRA = encode_extra_keys("fault-test-model")
@@ -287,3 +288,27 @@ async def test_a_dead_workers_replayed_events_expire(cluster):
     finally:
         stop.set()
         await beats
+
+
+async def test_a_stream_lost_with_the_nats_store_is_recreated_and_read_from_its_start(
+    cluster, infra, tmp_path
+):
+    leader = await cluster.replica("kvi-j")
+    pub = await cluster.publisher("w6")
+    keys_a = await cluster.store("w6", tokens(12_000, 2))
+    await until(overlap_is(cluster, keys_a, {"w6": 2}), "indexed before the fault")
+
+    # nats-server back on its port with an empty store: the stream and its sequence numbers are gone
+    port = int(infra.nats_url.rsplit(":", 1)[1])
+    infra.kill("nats")
+    nats = next(p for p in infra.procs if p.name == "nats")
+    nats.popen = start_nats_server(port, tmp_path / "new-store", stderr=subprocess.DEVNULL)
+
+    async def recreated() -> bool:
+        return bool(await cluster.client.nc.jetstream(timeout=0.5).stream_info(STREAM))
+
+    await until(recreated, "a replica re-created the stream")
+    keys_b = await cluster.store("w6", tokens(13_000, 2))  # the publisher's client reconnected meanwhile
+    await until(overlap_is(cluster, keys_b, {"w6": 2}), "the leader reads the new stream from its start")
+    assert (await cluster.overlap(keys_a)) == OverlapReply(overlap={"w6": 2}), "the index was kept"
+    assert leader.resyncs == 0 and pub.seq == 3, "no batch lost or repeated across the two streams"
