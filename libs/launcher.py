@@ -255,6 +255,8 @@ class Mesh:
         deadline = time.monotonic() + timeout
         asyncio.run(self._wait_workers(deadline))
         asyncio.run(self._wait_services(deadline))
+        # Every replica, not just one per queue group: a replica still loading does not take its share.
+        self.wait_healthy(timeout=max(0.0, deadline - time.monotonic()))
         while True:
             self._check_alive()
             try:
@@ -266,6 +268,25 @@ class Mesh:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gateway not healthy after {timeout:.0f} s")
             time.sleep(0.1)
+
+    def wait_healthy(self, names: list[str] | None = None, timeout: float = 60.0) -> None:
+        """Until each named service (default: every one with a metrics port) answers GET /health
+        with 200, i.e. has attached its handlers to NATS. Used after `restart(name)` too."""
+        deadline = time.monotonic() + timeout
+        names = [n for n in self.metrics_urls if n != "gateway"] if names is None else names
+        for name in names:
+            url = self.metrics_urls[name].removesuffix("/metrics") + "/health"
+            while True:
+                self._check_alive()
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:  # not listening yet, or 503 (not attached yet)
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not healthy after {timeout:.0f} s")
+                time.sleep(0.1)
 
     async def _wait_workers(self, deadline: float) -> None:
         from kvmesh.libs.bus import Bus, decode

@@ -151,6 +151,7 @@ class MeshProbe:
         """Every process up (restarted ones included), a kv-index leader, and a request served."""
         for p in self.mesh.procs:
             assert p.popen.poll() is None, f"{p.name} is not running"
+        self.mesh.wait_healthy()  # every replica attached to NATS (a restarted one may still load)
         self.until(lambda: self.kv_index_leader() is not None, "a kv-index replica holds the write lease")
         self.until(lambda: self.chat([{"role": "user", "content": "Hi"}], 1).status_code == 200, "serving")
 

@@ -33,3 +33,4 @@ def test_one_replica_of_each_control_service_killed_the_others_serve(fault_mesh,
     finally:
         for name in killed:
             fault_mesh.restart(name)
+        fault_mesh.wait_healthy(killed)  # whole again for whatever runs next
