@@ -63,6 +63,9 @@ def _up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         threads_per_worker=args.threads_per_worker,
         log_dir=args.log_dir,
+        tokenizer_replicas=args.tokenizer_replicas,
+        router_replicas=args.router_replicas,
+        kv_index_replicas=args.kv_index_replicas,
     )
     # Convert the default model once here, before several processes want it at the same time.
     from kvmesh.libs.engine.model_store import resolve_model
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis instead of starting one"
     )
     up.add_argument("--threads-per-worker", type=int, default=0)
+    for service in ("tokenizer", "router", "kv-index"):  # queue groups share the work; one index writer
+        up.add_argument(f"--{service}-replicas", type=int, default=1, help=f"{service} processes")
     up.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
     up.add_argument("--ready-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
