@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from kvmesh.libs.bus import Bus, decode
@@ -46,6 +47,13 @@ from kvmesh.services.worker.kv_events import SEQ_HEADER, STREAM, WORKER_HEADER, 
 
 log = logging.getLogger(__name__)
 MISSED_BEATS = 3
+
+LEADER = Gauge("kvmesh:kv_index_leader", "1 while this replica holds the write lease and applies KV events.")
+REBUILDS = Counter(
+    "kvmesh:kv_index_rebuilds",
+    "Replays of the KV event stream from its start into an index with no progress.",
+)
+RESYNCS = Counter("kvmesh:kv_index_resyncs", "Workers dropped for a gap in their KV event sequence numbers.")
 
 
 def default_replica_id() -> str:
@@ -79,7 +87,7 @@ class KVIndexService:
         self.last_beat: dict[str, tuple[float, float]] = {}  # worker -> (monotonic time, interval)
         self.resyncs = 0
         self.rebuilds = 0  # replays from the stream's start into an index with no recorded progress
-        self.is_leader = False
+        self._leader = False
         self.applied_seq = 0  # last stream sequence applied (while leader)
         self.bus: Bus | None = None
         self._stream_id = ""
@@ -89,6 +97,15 @@ class KVIndexService:
         self._restart = False  # consumption must resume from the recorded progress
         self._reconnects = 0
         self._task: asyncio.Task | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    @is_leader.setter
+    def is_leader(self, value: bool) -> None:
+        self._leader = value
+        LEADER.set(int(value))
 
     # -- events ------------------------------------------------------------------------------------
     async def on_batch(self, worker: str, seq: int, data: bytes) -> None:
@@ -106,6 +123,7 @@ class KVIndexService:
                 return
             log.warning("KV events of %s jumped from %d to %d: resyncing it", worker, expected, seq)
             self.resyncs += 1
+            RESYNCS.inc()
             await self.index.clear_worker(worker)
         self.next_seq[worker] = seq + 1
         await self.index.apply(worker, batch)
@@ -186,6 +204,7 @@ class KVIndexService:
         if not progress.stream:
             if info.state.last_seq:
                 self.rebuilds += 1
+                REBUILDS.inc()
                 log.warning(
                     "%s: the index has no recorded progress (new or restarted Redis): rebuilding "
                     "it from the event stream's start",

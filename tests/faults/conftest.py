@@ -120,6 +120,13 @@ class MeshProbe:
     def worker_stats(self, worker_id: str) -> WorkerStats:
         return self.ask(Subjects.worker(worker_id, "stats"), StatsRequest(), WorkerStats)
 
+    def metric(self, process: str, name: str) -> float:
+        """The value of an unlabelled metric on one process's /metrics."""
+        text = httpx.get(self.mesh.metrics_urls[process], timeout=5).text
+        values = [line.split()[-1] for line in text.splitlines() if line.split(" ")[0] == name]
+        assert values, f"{process} exports no {name}"
+        return float(values[0])
+
     # -- Redis ---------------------------------------------------------------------------------------
     def kv_index_leader(self) -> str | None:
         """The process name of the kv-index replica holding the write lease (its id is host-pid-...)."""

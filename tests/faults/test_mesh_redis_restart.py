@@ -14,6 +14,7 @@ def test_redis_restart_routes_by_load_then_the_index_is_rebuilt(fault_mesh, prob
     first_hashes = probe.block_hashes(first)
     held = probe.indexed(first_hashes)
 
+    rebuilds = {n: probe.metric(n, "kvmesh:kv_index_rebuilds_total") for n in ("kv-index", "kv-index-1")}
     fault_mesh.kill("redis")
     try:
         probe.until(lambda: probe.router_health().kv_index_ok is False, "the router reports the index down")
@@ -31,6 +32,11 @@ def test_redis_restart_routes_by_load_then_the_index_is_rebuilt(fault_mesh, prob
     probe.until(lambda: probe.overlap(first_hashes) == OverlapReply(overlap=held), "the index was rebuilt")
     assert probe.indexed(probe.block_hashes(during)), "events published while Redis was down were applied"
     probe.until(lambda: probe.router_health().kv_index_ok, "the router reports the index back")
+    leader = probe.kv_index_leader()
+    assert probe.metric(leader, "kvmesh:kv_index_leader") == 1
+    assert probe.metric(leader, "kvmesh:kv_index_rebuilds_total") == rebuilds[leader] + 1, (
+        "it counts the replay"
+    )
 
     # ... and routing uses it again: the first conversation's next turn goes to the worker holding it.
     (holder,) = held

@@ -28,6 +28,7 @@ def test_one_replica_of_each_control_service_killed_the_others_serve(fault_mesh,
         assert probe.indexed(probe.block_hashes(after)), "events after the kill are indexed"
         new_leader = probe.kv_index_leader()
         assert new_leader is not None and new_leader not in killed
+        assert probe.metric(new_leader, "kvmesh:kv_index_leader") == 1
         health = probe.router_health()
         assert health.kv_index_ok and sorted(health.workers) == sorted(fault_mesh.worker_ids)
     finally:
