@@ -76,11 +76,18 @@ def context_of(msg: Msg) -> otel_context.Context:
 Handler = Callable[[Any, Msg], Awaitable[Message | None]]
 
 
+# Right after a reconnect (a restarted server, a network blip) the other clients are still
+# reconnecting and re-subscribing: for this long "no responders" means "not back yet", not "gone",
+# and requests retry it (within their own timeout).
+RECONNECT_SETTLE_S = 2.0
+
+
 class Bus:
     def __init__(self, nc: nats.NATS, name: str) -> None:
         self.nc = nc
         self.name = name
         self._subs: list[Subscription] = []
+        self.reconnected_at = -RECONNECT_SETTLE_S  # monotonic time of the last reconnect
 
     @classmethod
     async def connect(
@@ -101,6 +108,7 @@ class Bus:
             log.info("%s: disconnected from NATS", name)
 
         async def on_reconnect() -> None:
+            bus.reconnected_at = time.monotonic()  # `bus` exists by then: reconnects follow connect()
             log.info("%s: reconnected to NATS", name)
 
         async def on_error(exc: Exception) -> None:
@@ -127,7 +135,8 @@ class Bus:
             with contextlib.suppress(BaseException):
                 await connecting
             raise BusError(f"{name}: NATS refused the credentials: {refused.result()}")
-        return cls(connecting.result(), name)
+        bus = cls(connecting.result(), name)
+        return bus
 
     # -- client side ----------------------------------------------------------------------------
     async def publish(self, subject: str, msg: Message, *, traced: bool = True) -> None:
@@ -141,7 +150,7 @@ class Bus:
         start = time.perf_counter()
         error: str | None = None
         try:
-            reply = await self.nc.request(subject, encode(msg), timeout=timeout, headers=_headers())
+            reply = await self._request(subject, encode(msg), timeout)
         except NoRespondersError:
             error = f"no service answers on {subject}"
             raise NoResponders(error) from None
@@ -160,6 +169,18 @@ class Bus:
             return decode(reply.data, reply_type)
         except msgspec.DecodeError as exc:
             raise BusError(f"{subject}: malformed reply: {exc}") from None
+
+    async def _request(self, subject: str, data: bytes, timeout: float) -> Msg:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.nc.request(subject, data, timeout=timeout, headers=_headers())
+            except NoRespondersError:
+                now = time.monotonic()
+                if now - self.reconnected_at > RECONNECT_SETTLE_S or deadline - now < 0.2:
+                    raise
+            await asyncio.sleep(0.1)
+            timeout = deadline - time.monotonic()
 
     # -- server side ----------------------------------------------------------------------------
     async def serve(

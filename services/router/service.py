@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvmesh.libs.bus import Bus, BusError
+from kvmesh.libs.bus import RECONNECT_SETTLE_S, Bus, BusError
 from kvmesh.libs.metrics import RouterMetrics
 from kvmesh.schemas.messages import (
     ErrorReply,
@@ -56,6 +56,7 @@ class RouterService:
         self.available_hit_tokens = 0  # ... on the best worker for reuse (the oracle of this moment)
         self.index_ok = True
         self.bus: Bus | None = None
+        self._forgiven = 0.0  # the bus reconnect whose silence the registry was told to ignore
         self.metrics = RouterMetrics(config.model_name)
         self.prefill_policy = PrefillPolicy(
             config.disagg_min_tokens, config.disagg_max_queue_tokens, getattr(self.scorer, "block_size", 16)
@@ -94,6 +95,9 @@ class RouterService:
         return self.index_ok
 
     async def route(self, req: RouteRequest) -> RouteReply | ErrorReply:
+        if self.bus is not None and self.bus.reconnected_at > self._forgiven:  # back from a NATS outage
+            self._forgiven = self.bus.reconnected_at
+            self.registry.forgive(self._forgiven + RECONNECT_SETTLE_S)
         workers = self.registry.live(req.exclude)
         live = [w for w in workers if w.stats.role != "prefill"]  # who can serve (decode) the request
         prefill_pool = [w for w in workers if w.stats.role == "prefill"]

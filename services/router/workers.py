@@ -31,6 +31,12 @@ class WorkerRegistry:
         wid = hb.stats.worker_id
         self.workers[wid] = WorkerInfo(hb.stats, now, hb.interval_s)
 
+    def forgive(self, until: float) -> None:
+        """Silence up to `until` (monotonic) does not count: the router itself was cut off from NATS,
+        so no heartbeat could reach it; the workers are presumed alive until then."""
+        for info in self.workers.values():
+            info.last_seen = max(info.last_seen, until)
+
     def expire(self, now: float | None = None) -> list[str]:
         """Drop workers that stopped beating; returns their ids."""
         now = time.monotonic() if now is None else now

@@ -35,6 +35,18 @@ LEASE_S = "1.5"
 
 
 @pytest.fixture(scope="package")
+def infra():
+    """Just nats-server (JetStream, a store dir) and redis-server, restartable on their ports, for the
+    in-process tests. A test that kills one restarts it before it ends."""
+    mesh = Mesh(MeshConfig())
+    mesh.start_infra()
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+@pytest.fixture(scope="package")
 def fault_mesh(default_model_path, tmp_path_factory) -> Mesh:
     config = MeshConfig(
         model=str(default_model_path),

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from kvmesh.libs.bus import Bus
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
-from kvmesh.libs.launcher import Mesh, MeshConfig, start_nats_server
+from kvmesh.libs.launcher import Mesh, start_nats_server
 from kvmesh.schemas.kv_events import BlockStored
 from kvmesh.schemas.messages import (
     ErrorReply,
@@ -36,17 +36,6 @@ BS = 4
 EXTRA = encode_extra_keys("fault-test-model")
 SEED = hash_seed(None)
 LEASE_S = 0.6
-
-
-@pytest.fixture(scope="module")
-def infra():
-    """nats-server (JetStream, a store dir) and redis-server, restartable on their ports."""
-    mesh = Mesh(MeshConfig())
-    mesh.start_infra()
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 class Cluster:

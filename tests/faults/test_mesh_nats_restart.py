@@ -12,18 +12,18 @@ import httpx
 
 from kvmesh.schemas.messages import OverlapReply
 
+STORY = {
+    "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+    "max_tokens": 48,
+    "ignore_eos": True,
+    "temperature": 0,
+}
+
 
 async def stream_across_restart(mesh, model: str) -> tuple[str, str, float]:
     """Stream a chat; kill NATS at its first token and restart it a second later. Returns (outcome,
     text or error message, seconds from the kill to the end of the response)."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
-        "max_tokens": 48,
-        "ignore_eos": True,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = {**STORY, "model": model, "stream": True}
     text: list[str] = []
     killed_at = None
 
@@ -80,6 +80,9 @@ def test_nats_restart_services_reconnect_and_serve(fault_mesh, probe):
     for i in range(4):  # spread over both tokenizer and router replicas
         r = probe.chat([{"role": "user", "content": f"Say {i}."}])
         assert r.status_code == 200, r.text
+    if outcome == "done":  # nothing lost or repeated: the text of an undisturbed (greedy) run
+        undisturbed = probe.http.post("/v1/chat/completions", json={**STORY, "model": probe.model})
+        assert detail == undisturbed.json()["choices"][0]["message"]["content"]
     # The stream survived on disk, the kv-index consumes it again: old entries stay, new ones arrive.
     assert probe.overlap(first_hashes) == OverlapReply(overlap=held)
     after = probe.conversation("nats-after")
