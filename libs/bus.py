@@ -6,7 +6,9 @@
 - W3C trace context travels in NATS headers (OpenTelemetry's propagator; a no-op until a tracer
   provider is configured); inside a request's trace, requests get a CLIENT span and handlers a SERVER
   span (libs/tracing.py); every request's latency lands in kvmesh:nats_request_seconds{subject};
-- reconnects forever with backoff; `close()` drains subscriptions so in-flight handlers finish.
+- reconnects forever with backoff; for RECONNECT_SETTLE_S after a reconnect, "no responders" is
+  retried within the request's timeout (the other clients are still re-subscribing after a server
+  restart: the service is not gone); `close()` drains subscriptions so in-flight handlers finish.
 """
 
 from __future__ import annotations
