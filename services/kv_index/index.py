@@ -63,6 +63,8 @@ for w, k in pairs(result) do table.insert(flat, w); table.insert(flat, k) end
 return flat
 """
 FAST_PATH_HOLDERS = 8
+_OVERLAP_ARGS = [FAST_PATH_HOLDERS, f"{P}wblk:".encode(), f"{P}blk:".encode()]
+_BLK_KEY = f"{P}blk:%d".encode()
 
 
 class KVIndex:
@@ -129,9 +131,8 @@ class KVIndex:
         """worker -> number of leading blocks of this prompt it holds."""
         if not block_hashes:
             return {}
-        flat = await self._overlap(
-            keys=[f"{P}blk:{h}" for h in block_hashes], args=[FAST_PATH_HOLDERS, f"{P}wblk:", f"{P}blk:"]
-        )
+        # bytes, not str: redis-py encodes every argument of a 128-key call one by one (~2x slower)
+        flat = await self._overlap(keys=[_BLK_KEY % h for h in block_hashes], args=_OVERLAP_ARGS)
         out = {}
         for i in range(0, len(flat), 2):
             w = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
