@@ -2,10 +2,10 @@
 
 Runs the real engine in this process (default model, bf16, 2 threads unless told otherwise) on
 steps of known shape and times each `step()`. The machine is shared (other processes steal the
-cores now and then), so each measurement first waits for idle cores (bounded), and each point
-keeps the fastest repeat (prefill) or the lower quartile of the steps (decode, best of two runs):
-the engine's own cost, not the neighbours'. Check `load_average_at_end` and the validation in the
-profile all the same.
+cores now and then), so each measurement first waits for idle cores (bounded), every point is
+measured once per pass over all of them (`--passes`), and each keeps its fastest pass (for decode:
+the lower quartile of its steps, then the fastest pass): the engine's own cost, not the
+neighbours'. Check `load_average_at_end` and the validation in the profile all the same.
   prefill   one fresh prompt of n tokens (n = 16 .. 512) in one step: fixed cost + cost per token;
   chunks    a 2,048-token prompt in 512-token chunks: the extra attention cost over cached context;
   decode    B requests decoding together (B = 1 .. 64, 128-token prompts): step time by batch size,
@@ -49,7 +49,7 @@ def cpu_idle(interval_s: float = 0.5) -> float:
     return (idle1 - idle0) / max(1, total1 - total0)
 
 
-def wait_quiet(min_idle: float = 0.8, max_wait_s: float = 300.0) -> None:
+def wait_quiet(min_idle: float = 0.7, max_wait_s: float = 30.0) -> None:
     """Wait (bounded) until no other process keeps the cores busy: a neighbour's burst would be
     measured as the engine's cost."""
     deadline = time.monotonic() + max_wait_s
@@ -74,38 +74,30 @@ def drain(engine) -> None:
         engine.step()
 
 
-def measure_prefill(engine, rng, sizes: list[int], repeats: int) -> dict[int, float]:
+def prefill_once(engine, rng, n: int) -> float:
+    """One step prefilling a fresh n-token prompt (nothing cached)."""
     from kvmesh.libs.engine.sampling_params import SamplingParams
 
-    out = {}
-    for n in sizes:
-        times = []
-        for r in range(repeats):
-            wait_quiet()
-            engine.add_request(f"p{n}-{r}", fresh(rng, n), SamplingParams(max_tokens=1, ignore_eos=True))
-            times.append(timed_step(engine))
-            drain(engine)
-        out[n] = min(times)
-        print(f"  prefill {n:4d} tokens: {out[n] * 1e3:7.2f} ms", flush=True)
-    return out
+    wait_quiet()
+    engine.add_request(f"p{n}-{rng.random()}", fresh(rng, n), SamplingParams(max_tokens=1, ignore_eos=True))
+    t = timed_step(engine)
+    drain(engine)
+    return t
 
 
-def measure_chunks(engine, rng, prompt_len: int, repeats: int) -> dict[int, float]:
+def chunks_once(engine, rng, prompt_len: int) -> dict[int, float]:
     """Step time of each BUDGET-token chunk of a long prompt, by the context already computed."""
     from kvmesh.libs.engine.sampling_params import SamplingParams
 
-    by_ctx: dict[int, list[float]] = {}
-    for r in range(repeats):
-        wait_quiet()
-        engine.add_request(f"c{r}", fresh(rng, prompt_len), SamplingParams(max_tokens=1, ignore_eos=True))
-        ctx = 0
-        while engine.has_unfinished_requests():
-            by_ctx.setdefault(ctx, []).append(timed_step(engine))
-            ctx += BUDGET
-    out = {c: min(t) for c, t in by_ctx.items() if c < prompt_len}
-    for c, t in out.items():
-        print(f"  chunk of {BUDGET} over {c:4d} cached: {t * 1e3:7.2f} ms", flush=True)
-    return out
+    wait_quiet()
+    engine.add_request(
+        f"c{rng.random()}", fresh(rng, prompt_len), SamplingParams(max_tokens=1, ignore_eos=True)
+    )
+    by_ctx, ctx = {}, 0
+    while engine.has_unfinished_requests():
+        by_ctx[ctx] = timed_step(engine)
+        ctx += BUDGET
+    return {c: t for c, t in by_ctx.items() if c < prompt_len}
 
 
 def measure_decode(engine, rng, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
@@ -176,6 +168,29 @@ def replay_sim(profile, work, num_blocks: int) -> tuple[float, float]:
     return clock, statistics.mean(first.values())
 
 
+def validate(engine, profile, num_blocks: int, runs: int) -> dict:
+    """Replay the mixed workload on the real engine and the simulated core; the least disturbed
+    real run (shortest makespan) against its simulation."""
+    print("validation: a mixed workload on the real engine and on the simulated core", flush=True)
+    results = []
+    for seed in range(1, runs + 1):  # different tokens each time: no run hits another's cache
+        work = mixed_workload(random.Random(seed))
+        wait_quiet()
+        results.append((*replay_real(engine, work), *replay_sim(profile, work, num_blocks)))
+        print(f"  real makespan {results[-1][0]:.2f} s, simulated {results[-1][2]:.2f} s", flush=True)
+    real_span, real_ttft, sim_span, sim_ttft = min(results)
+    return {
+        "workload": "24 requests at once: 4 groups x 6, 384-token shared prefix + 48 own tokens, 8-48 output",
+        "real_makespan_s": round(real_span, 4),
+        "sim_makespan_s": round(sim_span, 4),
+        "makespan_error": round(sim_span / real_span - 1, 4),
+        "real_mean_ttft_s": round(real_ttft, 4),
+        "sim_mean_ttft_s": round(sim_ttft, 4),
+        "mean_ttft_error": round(sim_ttft / real_ttft - 1, 4),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,9 +198,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=4, help="measurements of every point, min kept")
     parser.add_argument("--decode-steps", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None, help="default: the sim worker's default profile")
+    parser.add_argument("--validation-runs", type=int, default=3)
+    parser.add_argument(
+        "--validate-only", action="store_true", help="only re-run the validation of the profile at --out"
+    )
     args = parser.parse_args()
     configure_threads(args.threads)
     from kvmesh.libs.engine.config import EngineConfig
@@ -196,34 +215,62 @@ def main() -> None:
     rng = random.Random(0)
     cfg = EngineConfig(model=args.model, dtype=args.dtype, max_num_batched_tokens=BUDGET, num_kv_blocks=4096)
     engine = LLMEngine(cfg, load_tokenizer=False)
+    if args.validate_only:
+        from kvmesh.services.sim_worker.timing import load_profile
+
+        profile = load_profile(out_path)
+        prefill_once(engine, rng, BUDGET)  # warm up
+        meta = {
+            **profile.meta,
+            "validation": validate(engine, profile, cfg.num_kv_blocks, args.validation_runs),
+        }
+        out_path.write_bytes(msgspec.structs.replace(profile, meta=meta).to_json() + b"\n")
+        print(f"validation: {meta['validation']}\nwrote {out_path}")
+        return
     print("warming up", flush=True)
-    measure_prefill(engine, rng, [BUDGET, 64], 2)
+    prefill_once(engine, rng, BUDGET)
     measure_decode(engine, rng, 4, 64, 4)
 
-    print("prefill (one step, nothing cached)", flush=True)
-    sizes = [16, 64, 128, 256, 384, 512]
-    prefill = measure_prefill(engine, rng, sizes, args.repeats)
+    # Passes over every point, each point's repeats spread over the whole run: a neighbour's burst
+    # spoils one pass of a point, not all of them.
+    sizes, batches = [16, 64, 128, 256, 384, 512], [1, 2, 4, 8, 16, 32, 64]
+    prefill_t: dict[int, list[float]] = {n: [] for n in sizes}
+    chunk_t: dict[int, list[float]] = {}
+    decode_runs: dict[int, list[tuple[float, float]]] = {b: [] for b in batches}
+    long_runs: list[tuple[float, float]] = []
+    for p in range(args.passes):
+        for n in sizes:
+            prefill_t[n].append(prefill_once(engine, rng, n))
+        for c, t in chunks_once(engine, rng, 2048).items():
+            chunk_t.setdefault(c, []).append(t)
+        for b in batches:
+            decode_runs[b].append(measure_decode(engine, rng, b, 128, args.decode_steps))
+        long_runs.append(measure_decode(engine, rng, 8, 1536, args.decode_steps))
+        print(
+            f"pass {p + 1}/{args.passes}: prefill "
+            + " ".join(f"{n}:{prefill_t[n][-1] * 1e3:.0f}" for n in sizes)
+            + " ms; chunks "
+            + " ".join(f"@{c}:{t[-1] * 1e3:.0f}" for c, t in chunk_t.items())
+            + " ms; decode "
+            + " ".join(f"b{b}:{decode_runs[b][-1][0] * 1e3:.1f}" for b in batches)
+            + f" ms, b8@1.5k:{long_runs[-1][0] * 1e3:.1f} ms",
+            flush=True,
+        )
+    prefill = {n: min(t) for n, t in prefill_t.items()}
     base, per_token = linear_fit(sizes, [prefill[n] for n in sizes])
-
-    print("chunked prefill over cached context", flush=True)
-    chunks = measure_chunks(engine, rng, 2048, max(1, args.repeats - 1))
+    chunks = {c: min(t) for c, t in chunk_t.items()}
     flat = base + per_token * BUDGET
     # extra(ctx) = k * BUDGET * ctx, least squares through the origin
     num = sum((t - flat) * BUDGET * c for c, t in chunks.items() if c)
     den = sum((BUDGET * c) ** 2 for c in chunks if c)
     per_token_ctx = max(0.0, num / den) if den else 0.0
-
-    print("decode steps by batch size", flush=True)
-    batches = [1, 2, 4, 8, 16, 32, 64]
     decode, ctxs = {}, []
     for b in batches:
-        runs = [measure_decode(engine, rng, b, 128, args.decode_steps) for _ in range(2)]
-        decode[b], ctx = min(runs)
+        decode[b], ctx = min(decode_runs[b])
+        decode[b] = max(decode[b], *(decode[a] for a in batches if a < b))  # a bigger batch never costs less
         ctxs.append(ctx)
-        print(f"  batch {b:3d}: {decode[b] * 1e3:7.2f} ms (context ~{ctx:.0f})", flush=True)
     ref_ctx = round(statistics.mean(ctxs))
-    long_t, long_ctx = min(measure_decode(engine, rng, 8, 1536, args.decode_steps) for _ in range(2))
-    print(f"  batch   8 at context ~{long_ctx:.0f}: {long_t * 1e3:7.2f} ms", flush=True)
+    long_t, long_ctx = min(long_runs)
     per_ctx = max(0.0, (long_t - decode[8]) / (8 * (long_ctx - ctxs[batches.index(8)])))
 
     profile = TimingProfile(
@@ -236,20 +283,7 @@ def main() -> None:
         decode_s_per_ctx_token=per_ctx,
         meta={},
     )
-    print("validation: a mixed workload on the real engine and on the simulated core", flush=True)
-    work = mixed_workload(random.Random(1))
-    wait_quiet()
-    real_span, real_ttft = replay_real(engine, work)
-    sim_span, sim_ttft = replay_sim(profile, work, cfg.num_kv_blocks)
-    validation = {
-        "workload": "24 requests at once: 4 groups x 6, 384-token shared prefix + 48 own tokens, 8-48 output",
-        "real_makespan_s": round(real_span, 4),
-        "sim_makespan_s": round(sim_span, 4),
-        "makespan_error": round(sim_span / real_span - 1, 4),
-        "real_mean_ttft_s": round(real_ttft, 4),
-        "sim_mean_ttft_s": round(sim_ttft, 4),
-        "mean_ttft_error": round(sim_ttft / real_ttft - 1, 4),
-    }
+    validation = validate(engine, profile, cfg.num_kv_blocks, args.validation_runs)
     meta = {
         "model": args.model,
         "dtype": args.dtype,

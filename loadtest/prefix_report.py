@@ -41,6 +41,7 @@ def summarize_window(
         "completed": sum(r.finish_s is not None for r in ok),
         "censored": len(censored),
         "errors": sum(r.error is not None for r in arrived),
+        "first_errors": list(dict.fromkeys(r.error for r in arrived if r.error is not None))[:3],
         "ttft_s": _pcts(ttft),
         "throughput_req_s": round(len(done) / window, 3),
         "output_tok_s": round(sum(r.output_tokens for r in done) / window, 1),
