@@ -381,6 +381,7 @@ def main() -> None:
         help="only re-measure the router's decision latency with 256 workers, into --out's results",
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every started stack is torn down
     configure_threads(1)
     from kvmesh.loadtest.prefix_report import plot
     from kvmesh.services.sim_worker.timing import load_profile
@@ -430,6 +431,10 @@ def main() -> None:
     if args.latency_only:
         save()
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['duration_s']:.0f} s")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _profile_summary(profile) -> dict:

@@ -246,11 +246,20 @@ class LLMEngine:
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefix_query_tokens=self.scheduler.prefix_query_tokens,
             num_leased_blocks=self.transfers.num_blocks,
-            outstanding_tokens=sum(
-                r.num_tokens - r.num_computed_tokens + r.params.max_tokens - r.num_output_tokens
-                for r in self.requests.values()
-            ),
+            outstanding_tokens=self._outstanding_tokens(),
         )
+
+    def _outstanding_tokens(self) -> int:
+        """Prompt tokens still to compute + output tokens still to generate. A waiting request's
+        prompt tokens already in the prefix cache are no work (they are hits at admission): counting
+        them made a worker holding a popular prefix look busy, and KV-aware routing spill away."""
+        total = 0
+        for r in self.requests.values():
+            todo = r.num_tokens - r.num_computed_tokens
+            if r.num_computed_tokens == 0:
+                todo -= len(self.kv.get_computed_blocks(r)) * self.config.block_size
+            total += todo + r.params.max_tokens - r.num_output_tokens
+        return total
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

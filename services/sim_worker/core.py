@@ -206,11 +206,18 @@ class SimCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefix_query_tokens=self.scheduler.prefix_query_tokens,
-            outstanding_tokens=sum(
-                r.num_tokens - r.num_computed_tokens + r.params.max_tokens - r.num_output_tokens
-                for r in self.requests.values()
-            ),
+            outstanding_tokens=self._outstanding_tokens(),
         )
+
+    def _outstanding_tokens(self) -> int:
+        """As the engine counts it: a waiting request's cached prompt tokens are no work."""
+        total = 0
+        for r in self.requests.values():
+            todo = r.num_tokens - r.num_computed_tokens
+            if r.num_computed_tokens == 0:
+                todo -= len(self.kv.get_computed_blocks(r)) * self.config.block_size
+            total += todo + r.params.max_tokens - r.num_output_tokens
+        return total
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
