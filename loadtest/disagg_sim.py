@@ -8,8 +8,9 @@ measured by disagg_bench.py (or --gb-s). Every worker stands for one machine lik
 Workload per cluster size W: long-prompt requests (~2,000 tokens in, 8 out) and chats (~64 in, 64
 out), Poisson, both rates proportional to W. Setups with W workers in all:
   aggregated      W workers doing prefill and decode; least outstanding tokens.
-  disaggregated   W/4 prefill + 3W/4 decode workers; long prompts prefill remotely (the router's
-                  rule: uncached >= 512 tokens and a prefill worker below its queue limit), then
+  disaggregated   W/4 prefill + 3W/4 decode workers (--prefill-fraction); long prompts prefill
+                  remotely (the router's rule: uncached >= 512 tokens and a prefill worker below
+                  its queue limit), then
                   their blocks are pulled into the decode worker's prefix cache; chats stay local.
 
     python -m kvmesh.loadtest.disagg_sim [--sizes 2 16 64] -> loadtest/results/disagg_sim.json (+ .png)
@@ -197,9 +198,10 @@ def summarize(reqs: list[Req], seconds: float) -> dict:
 
 def simulate(size: int, args, profile) -> dict:
     result = {}
+    num_prefill = min(size - 1, max(1, round(size * args.prefill_fraction)))
     setups = {
         "aggregated": ["aggregated"] * size,
-        "disaggregated": ["prefill"] * max(1, size // 4) + ["decode"] * (size - max(1, size // 4)),
+        "disaggregated": ["prefill"] * num_prefill + ["decode"] * (size - num_prefill),
     }
     for name, roles in setups.items():
         reqs = workload(size, args.seconds, args.long_rate, args.chat_rate, args.seed)
@@ -244,6 +246,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="virtual seconds of arrivals")
     parser.add_argument("--long-rate", type=float, default=0.04, help="long requests/s per worker")
     parser.add_argument("--chat-rate", type=float, default=0.5, help="chats/s per worker")
+    parser.add_argument("--prefill-fraction", type=float, default=0.25, help="share of prefill workers")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks per simulated worker")
     parser.add_argument("--gb-s", type=float, default=None, help="NIXL pull bandwidth (default: measured)")
     parser.add_argument("--profile", type=Path, default=None, help="timing profile (default: committed)")
