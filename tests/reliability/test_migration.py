@@ -24,7 +24,7 @@ from kvmesh.schemas.messages import (
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-MAX_TOKENS = 40
+MAX_TOKENS = 24
 
 
 class Spy:
@@ -146,7 +146,7 @@ async def run_with_a_kill(mesh, kill_when: str, prompt: str) -> dict:
     }
 
 
-LONG_PROMPT = "Summarize this list. " + " ".join(f"item {i} is {i * 7 % 13};" for i in range(120))
+LONG_PROMPT = "Summarize this list. " + " ".join(f"item {i} is {i * 7 % 13};" for i in range(80))
 
 
 @pytest.mark.parametrize(
@@ -156,6 +156,7 @@ LONG_PROMPT = "Summarize this list. " + " ".join(f"item {i} is {i * 7 % 13};" fo
         ("accepted", LONG_PROMPT + " Go."),  # its prefill takes a while: no token yet at the kill
         ("received", LONG_PROMPT + " Now."),  # killed before it could even answer `generate`
     ],
+    ids=["streaming", "accepted", "received"],
 )
 async def test_sigkill_moves_the_stream_to_another_worker_and_the_text_is_unchanged(mesh, kill_when, prompt):
     await asyncio.gather(*(wait_for_worker(mesh, w) for w in mesh.worker_ids))
