@@ -57,7 +57,7 @@ class BenchConfig:
     kv_blocks: int  # per worker
     spec: WorkloadSpec
     speedup: float = 1.0  # sim: modelled time runs this much faster than wall time
-    drain_s: float = 20.0  # model seconds after the last arrival before in-flight requests are cut
+    drain_s: float = 10.0  # model seconds after the last arrival before in-flight requests are cut
     worker_args: list[str] = field(default_factory=list)
 
 
@@ -68,7 +68,7 @@ def configs(quick: bool) -> dict[str, BenchConfig]:
             "real-2",
             "real",
             2,
-            kv_blocks=200,  # 8 tenants x 56 blocks = 448: each worker holds about 3 of them
+            kv_blocks=256,  # 8 tenants x 47-block system prompts: a worker holds 4-5 of them, not all 8
             spec=WorkloadSpec(
                 groups=8,
                 system_tokens=752,
@@ -77,20 +77,20 @@ def configs(quick: bool) -> dict[str, BenchConfig]:
                 question_tokens=32,
                 output_tokens=8,
                 rates=(0.4, 0.8, 1.2) if quick else (0.4, 0.8, 1.2, 1.6),
-                step_s=25.0 if quick else 30.0,
+                step_s=20.0 if quick else 25.0,
             ),
-            drain_s=30.0,
+            drain_s=15.0,
         ),
         # 50 tenants x 128 blocks; 512 blocks per worker hold ~3 of them
         "sim-64": BenchConfig(
-            "sim-64", "sim", 64, 512, dataclasses.replace(sim_spec, rates=(6.0, 12.0, 18.0, 27.0))
+            "sim-64", "sim", 64, 512, dataclasses.replace(sim_spec, rates=(9.0, 18.0, 27.0))
         ),
         "sim-256": BenchConfig(
             "sim-256",
             "sim",
             256,
             512,
-            dataclasses.replace(sim_spec, rates=(24.0, 48.0, 72.0, 108.0)),
+            dataclasses.replace(sim_spec, rates=(36.0, 72.0, 108.0)),
             speedup=0.5,
         ),
     }

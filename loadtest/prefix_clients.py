@@ -139,6 +139,7 @@ class HttpClient:
         self.t0 = t0
         limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0), limits=limits)
+        self.cut = False  # the run was cut off: a broken stream now is the cut, not a failure
 
     async def send(self, req: TraceRequest, rec: Record) -> None:
         start = self.t0 + req.arrival_s
@@ -176,10 +177,12 @@ class HttpClient:
                 rec.e2e_s = time.perf_counter() - start
                 rec.finish_s = time.perf_counter() - self.t0
         except Exception as exc:  # one failed request, never a failed run
-            rec.error = f"{type(exc).__name__}: {exc}"[:200]
+            if not self.cut:
+                rec.error = f"{type(exc).__name__}: {exc}"[:200]
 
     async def abort_all(self) -> None:
         """Closing the connections cancels what is in flight (the gateway aborts on disconnect)."""
+        self.cut = True
         await self.client.aclose()
 
 
