@@ -28,6 +28,14 @@ def main() -> None:
         choices=["kv", "load", "round-robin", "random"],
         help="routing policy: kv (prefix overlap vs load, session affinity), load, or the baselines",
     )
+    parser.add_argument(
+        "--index",
+        default=env_default("KVMESH_ROUTER_INDEX", "kv-index"),
+        choices=["kv-index", "redis"],
+        help="where prefix overlaps come from: the kv-index service over NATS, or its Redis directly "
+        "(--redis-url / KVMESH_REDIS_URL; one hop less per decision)",
+    )
+    parser.add_argument("--redis-url", default=env_default("KVMESH_REDIS_URL", "redis://127.0.0.1:6379"))
     args = parser.parse_args()
     setup_logging("router", args.log_level)
     from kvmesh.libs.metrics import model_label
@@ -41,6 +49,7 @@ def main() -> None:
         model_name=model_label(args.model),
         disagg_min_tokens=args.disagg_min_tokens,
         disagg_max_queue_tokens=args.disagg_max_queue_tokens,
+        index_redis_url=args.redis_url if args.index == "redis" else None,
     )
     service = RouterService(config, make_scorer(args.scorer))
     serve_on_bus(args.nats_url, "router", service.attach, args.metrics_port, args.metrics_host)

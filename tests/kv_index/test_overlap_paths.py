@@ -7,8 +7,9 @@ import pytest
 from redis.asyncio import Redis
 
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
+from kvmesh.libs.prefix_index import FAST_PATH_HOLDERS
 from kvmesh.schemas.kv_events import BlockRemoved, BlockStored, KVEventBatch
-from kvmesh.services.kv_index.index import FAST_PATH_HOLDERS, KVIndex
+from kvmesh.services.kv_index.index import KVIndex
 
 BS = 4
 
