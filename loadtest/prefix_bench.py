@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -100,8 +101,11 @@ class SimStack:
     """nats-server, redis-server, kv-index, router (with the policy under test) and one process of
     simulated workers, each started fresh; logs under `log_dir`."""
 
-    def __init__(self, cfg: BenchConfig, scorer: str, log_dir: Path) -> None:
+    def __init__(
+        self, cfg: BenchConfig, scorer: str, log_dir: Path, router_args: tuple[str, ...] = ()
+    ) -> None:
         self.cfg, self.scorer, self.log_dir = cfg, scorer, log_dir
+        self.router_args = router_args
         self.procs: list[subprocess.Popen] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="prefix-bench-")
         self.metrics_port = 0
@@ -133,7 +137,7 @@ class SimStack:
             "--metrics-port",
             str(self.metrics_port),
         ]
-        self._spawn("router", router, env)
+        self._spawn("router", [*router, *self.router_args], env)
         fleet = [*py, "kvmesh.services.sim_worker", "--count", str(c.workers), "--id-prefix", "sim"]
         fleet += ["--num-kv-blocks", str(c.kv_blocks), "--speedup", str(c.speedup), *UNBOUNDED_QUEUE]
         fleet += c.worker_args
@@ -142,8 +146,6 @@ class SimStack:
         return self
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        import os
-
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         self.procs.append(
             subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
@@ -243,31 +245,50 @@ async def drive(cfg: BenchConfig, scorer: str, trace, nats_url: str, base_url: s
 async def decision_latency(nats_url: str, trace, metrics_port: int, n: int = 400) -> dict:
     """Sequential routing requests with the trace's 128-block prompts against the live router
     (256 workers, a warm index): round trip as the gateway sees it, and the router's own histogram
-    of decision time (kv-index query included) over the whole run."""
+    of decision time (kv-index query included) over the whole run. For the breakdown, interleaved
+    with them: the kv-index's overlap query alone, and a request answered from memory (a simulated
+    worker's stats: the cost of a NATS round trip between two processes on this machine)."""
     from kvmesh.libs.bus import Bus
     from kvmesh.loadtest.load_report import pct_ms
-    from kvmesh.schemas.messages import RouteReply, RouteRequest, RouteResult, Subjects
+    from kvmesh.schemas.messages import (
+        OverlapRequest,
+        OverlapResult,
+        RouteReply,
+        RouteRequest,
+        RouteResult,
+        StatsRequest,
+        Subjects,
+        WorkerStats,
+    )
 
     bus = await Bus.connect(nats_url, "prefix-bench-latency")
-    rtts = []
-    blocks = []
+    rtts: dict[str, list[float]] = {"route": [], "overlap": [], "stats": []}
+    blocks = set()
+
+    async def timed(kind: str, subject: str, msg, reply_type):
+        t = time.perf_counter()
+        reply = await bus.request(subject, msg, reply_type, timeout=5)
+        rtts[kind].append(time.perf_counter() - t)
+        return reply
+
     for i in range(n):
         r = trace[i % len(trace)]
         req = RouteRequest(
             request_id=f"probe-{i}", num_tokens=len(r.token_ids), max_tokens=16, block_hashes=r.block_hashes
         )
-        t = time.perf_counter()
-        reply = await bus.request(Subjects.ROUTER_ROUTE, req, RouteResult, timeout=5)
-        rtts.append(time.perf_counter() - t)
+        reply = await timed("route", Subjects.ROUTER_ROUTE, req, RouteResult)
         assert isinstance(reply, RouteReply), reply
-        blocks.append(len(r.block_hashes))
+        await timed(
+            "overlap", Subjects.KV_INDEX_OVERLAP, OverlapRequest(block_hashes=r.block_hashes), OverlapResult
+        )
+        await timed("stats", Subjects.worker("sim-0", "stats"), StatsRequest(), WorkerStats)
+        blocks.add(len(r.block_hashes))
     await bus.close()
-    out = {
-        "probes": n,
-        "prompt_blocks": sorted(set(blocks)),
-        "route_rtt_ms": {"p50": pct_ms(rtts, 50), "p90": pct_ms(rtts, 90), "p99": pct_ms(rtts, 99)},
-    }
+    out: dict = {"probes": n, "prompt_blocks": sorted(blocks)}
+    for kind, values in rtts.items():
+        out[f"{kind}_rtt_ms"] = {f"p{q}": round(pct_ms(values, q), 3) for q in (50, 90, 99)}
     out["router_histogram"] = scrape_decision_histogram(metrics_port)
+    out["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
@@ -415,13 +436,17 @@ def main() -> None:
         result["configs"] = previous["configs"]
         result["started_at"] = previous["started_at"]
         trace = build_trace(warm.spec)
-        with SimStack(warm, "kv", args.out.parent / "prefix_bench_logs" / "latency-256") as stack:
-            asyncio.run(drive(warm, "kv", trace, stack.nats_url, None))  # warm the caches and the index
-            latency = asyncio.run(decision_latency(stack.nats_url, trace, stack.metrics_port, n=1000))
-        latency["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        latency["warm_up"] = f"{len(trace)} requests at {warm.spec.rates[0]:g} req/s first"
-        result["configs"]["sim-256"]["decision_latency"] = latency
-        print(f"decision latency: {latency}")
+        remeasured = {}
+        for index in ("kv-index", "redis"):  # the router asks the kv-index service, or reads Redis itself
+            log_dir = args.out.parent / "prefix_bench_logs" / f"latency-256-{index}"
+            with SimStack(warm, "kv", log_dir, ("--index", index)) as stack:
+                asyncio.run(drive(warm, "kv", trace, stack.nats_url, None))  # warm the caches and index
+                latency = asyncio.run(decision_latency(stack.nats_url, trace, stack.metrics_port, n=1000))
+            latency["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            latency["warm_up"] = f"{len(trace)} requests at {warm.spec.rates[0]:g} req/s first"
+            remeasured[f"router_index_{index}"] = latency
+            print(f"decision latency, router --index {index}: {latency}", flush=True)
+        result["configs"]["sim-256"]["decision_latency_remeasured"] = remeasured  # beside the run's own
         names = []
     for name in names:
         result["configs"][name] = run_config(
