@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
 
 from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_tokenizer
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
 from kvmesh.libs.engine.block_pool import BlockPool
 from kvmesh.libs.engine.config import EngineConfig, parse_dtype
+from kvmesh.libs.engine.introspection import EngineStats, check_block_refs, engine_stats
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
 from kvmesh.libs.engine.kv_memory import alloc_kv_cache
 from kvmesh.libs.engine.llama import LlamaModel
 from kvmesh.libs.engine.model_runner import ModelRunner
 from kvmesh.libs.engine.model_store import resolve_model
-from kvmesh.libs.engine.outputs import RequestOutput, RequestTiming, TokenLogprob
+from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob, request_output
 from kvmesh.libs.engine.request import FinishReason, Request
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.libs.engine.scheduler import Scheduler
@@ -26,20 +26,6 @@ from kvmesh.libs.engine.transfer_blocks import TransferBlocks
 from kvmesh.schemas.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
-
-
-class EngineStats(NamedTuple):
-    num_running: int
-    num_waiting: int
-    num_blocks: int
-    num_free_blocks: int
-    num_cached_blocks: int
-    kv_usage: float
-    num_preemptions: int
-    prefix_hit_tokens: int
-    prefix_query_tokens: int
-    outstanding_tokens: int  # prompt tokens still to compute + output tokens still to generate
-    num_leased_blocks: int = 0  # pinned for a KV transfer (held after prefill, or reserved for a pull)
 
 
 class LLMEngine:
@@ -148,7 +134,7 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
-        self._pending.append(self._output(req, [], "", None))
+        self._pending.append(request_output(req, []))
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -198,23 +184,9 @@ class LLMEngine:
                 held = self.transfers.hold(req.request_id, req.blocks)
                 req.blocks = []  # the lease owns the references now
             self.scheduler.finish(req, reason)
-        out = self._output(req, [token], text, logprobs)
+        out = request_output(req, [token], text, logprobs)
         out.held_block_ids = held
         return out
-
-    def _output(self, req: Request, tokens: list[int], text: str, logprobs) -> RequestOutput:
-        return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=tokens,
-            new_text=text,
-            finished=req.is_finished,
-            finish_reason=req.finish_reason.value if req.finish_reason else None,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=req.num_output_tokens,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
-            new_logprobs=logprobs,
-            timing=_timing(req) if req.is_finished else None,
-        )
 
     # -- KV transfer ------------------------------------------------------------------------------
     def num_cached_prefix_blocks(self, token_ids: list[int]) -> int:
@@ -235,45 +207,7 @@ class LLMEngine:
         return self.pool.take_events()
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            num_blocks=self.pool.num_blocks,
-            num_free_blocks=self.pool.num_free_blocks,
-            num_cached_blocks=len(self.pool.cached),
-            kv_usage=self.pool.usage(),
-            num_preemptions=self.scheduler.num_preemptions,
-            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
-            prefix_query_tokens=self.scheduler.prefix_query_tokens,
-            num_leased_blocks=self.transfers.num_blocks,
-            outstanding_tokens=self._outstanding_tokens(),
-        )
-
-    def _outstanding_tokens(self) -> int:
-        """Prompt tokens still to compute + output tokens still to generate. A waiting request's
-        prompt tokens already in the prefix cache are no work (they are hits at admission): counting
-        them made a worker holding a popular prefix look busy, and KV-aware routing spill away."""
-        total = 0
-        for r in self.requests.values():
-            todo = r.num_tokens - r.num_computed_tokens
-            if r.num_computed_tokens == 0:
-                todo -= len(self.kv.get_computed_blocks(r)) * self.config.block_size
-            total += todo + r.params.max_tokens - r.num_output_tokens
-        return total
+        return engine_stats(self.scheduler, self.requests.values(), self.transfers.num_blocks)
 
     def check_integrity(self) -> None:
-        self.pool.check_integrity()
-        held = sum(len(r.blocks) for r in self.scheduler.running) + self.transfers.num_blocks
-        in_use = sum(b.ref_cnt for b in self.pool.blocks)
-        assert held == in_use, f"requests and leases hold {held} block refs, pool counts {in_use}"
-        assert all(not r.blocks for r in self.scheduler.waiting), "a waiting request holds blocks"
-
-
-def _timing(req: Request) -> RequestTiming:
-    return RequestTiming(
-        req.arrival_time,
-        req.first_scheduled_time,
-        req.first_token_time,
-        time.monotonic(),
-        req.num_preemptions,
-    )
+        check_block_refs(self.scheduler, self.transfers.num_blocks)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from kvmesh.libs.engine.request import Request
 
 
 class TokenLogprob(NamedTuple):
@@ -61,3 +65,35 @@ class CompletionOutput:
             self.logprobs = (self.logprobs or []) + out.new_logprobs
         if out.finished:
             self.finish_reason = out.finish_reason
+
+
+def request_output(
+    req: Request,
+    tokens: list[int],
+    text: str = "",
+    logprobs: list[TokenLogprob] | None = None,
+    finished_at: float | None = None,
+) -> RequestOutput:
+    """`req`'s output for this step; a finished request's carries its timing, finished at
+    `finished_at` (default: now)."""
+    timing = None
+    if req.is_finished:
+        timing = RequestTiming(
+            arrival=req.arrival_time,
+            scheduled=req.first_scheduled_time,
+            first_token=req.first_token_time,
+            finished=time.monotonic() if finished_at is None else finished_at,
+            num_preemptions=req.num_preemptions,
+        )
+    return RequestOutput(
+        request_id=req.request_id,
+        new_token_ids=tokens,
+        new_text=text,
+        finished=req.is_finished,
+        finish_reason=req.finish_reason.value if req.finish_reason else None,
+        num_prompt_tokens=req.num_prompt_tokens,
+        num_output_tokens=req.num_output_tokens,
+        num_cached_tokens=max(req.num_cached_tokens, 0),
+        new_logprobs=logprobs,
+        timing=timing,
+    )

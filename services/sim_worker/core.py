@@ -23,9 +23,9 @@ import xxhash
 
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
 from kvmesh.libs.engine.block_pool import BlockPool
-from kvmesh.libs.engine.engine import EngineStats
+from kvmesh.libs.engine.introspection import EngineStats, check_block_refs, engine_stats
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
-from kvmesh.libs.engine.outputs import RequestOutput, RequestTiming
+from kvmesh.libs.engine.outputs import RequestOutput, request_output
 from kvmesh.libs.engine.request import FinishReason, Request
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.libs.engine.scheduler import Scheduler, SchedulerOutput
@@ -117,7 +117,7 @@ class SimCore:
             return False
         self._token_keys.pop(request_id, None)
         self.scheduler.finish(req, FinishReason.ABORT)
-        self._pending.append(_output(req, [], time.monotonic()))
+        self._pending.append(request_output(req, []))
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -177,7 +177,7 @@ class SimCore:
             self.requests.pop(req.request_id, None)
             self._token_keys.pop(req.request_id, None)
             self.scheduler.finish(req, reason)
-        return _output(req, [token], now)
+        return request_output(req, [token], finished_at=now)
 
     def _token_key(self, request_id: str, token_ids: list[int], params: SamplingParams) -> int:
         if params.greedy:  # a real model's greedy output depends on the prompt only
@@ -196,55 +196,7 @@ class SimCore:
         return self.pool.take_events()
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            num_blocks=self.pool.num_blocks,
-            num_free_blocks=self.pool.num_free_blocks,
-            num_cached_blocks=len(self.pool.cached),
-            kv_usage=self.pool.usage(),
-            num_preemptions=self.scheduler.num_preemptions,
-            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
-            prefix_query_tokens=self.scheduler.prefix_query_tokens,
-            outstanding_tokens=self._outstanding_tokens(),
-        )
-
-    def _outstanding_tokens(self) -> int:
-        """As the engine counts it: a waiting request's cached prompt tokens are no work."""
-        total = 0
-        for r in self.requests.values():
-            todo = r.num_tokens - r.num_computed_tokens
-            if r.num_computed_tokens == 0:
-                todo -= len(self.kv.get_computed_blocks(r)) * self.config.block_size
-            total += todo + r.params.max_tokens - r.num_output_tokens
-        return total
+        return engine_stats(self.scheduler, self.requests.values())
 
     def check_integrity(self) -> None:
-        self.pool.check_integrity()
-        held = sum(len(r.blocks) for r in self.scheduler.running)
-        in_use = sum(b.ref_cnt for b in self.pool.blocks)
-        assert held == in_use, f"requests hold {held} block refs, pool counts {in_use}"
-
-
-def _output(req: Request, tokens: list[int], now: float) -> RequestOutput:
-    finished = req.is_finished
-    timing = None
-    if finished:
-        timing = RequestTiming(
-            arrival=req.arrival_time,
-            scheduled=req.first_scheduled_time,
-            first_token=req.first_token_time,
-            finished=now,
-            num_preemptions=req.num_preemptions,
-        )
-    return RequestOutput(
-        request_id=req.request_id,
-        new_token_ids=tokens,
-        new_text="",
-        finished=finished,
-        finish_reason=req.finish_reason.value if req.finish_reason else None,
-        num_prompt_tokens=req.num_prompt_tokens,
-        num_output_tokens=req.num_output_tokens,
-        num_cached_tokens=max(req.num_cached_tokens, 0),
-        timing=timing,
-    )
+        check_block_refs(self.scheduler)
