@@ -20,7 +20,7 @@ from kvmesh.libs.engine.model_runner import ModelRunner
 from kvmesh.libs.engine.model_store import resolve_model
 from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob, request_output
 from kvmesh.libs.engine.request import FinishReason, Request
-from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams, check_prompt_tokens
 from kvmesh.libs.engine.scheduler import Scheduler
 from kvmesh.libs.engine.transfer_blocks import TransferBlocks
 from kvmesh.schemas.kv_events import KVEvent
@@ -80,19 +80,9 @@ class LLMEngine:
                 "prompt", f"must be text or a list of token ids, got {type(prompt).__name__}"
             )
         token_ids = self.tokenize_prompt(prompt)
-        vocab = self.model.cfg.vocab_size
         if not token_ids:
             raise InvalidRequestError("prompt", "is empty")
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt",
-                f"has {len(token_ids)} tokens; the model's context is {self.max_model_len} "
-                "(prompt plus at least one output token)",
-            )
-        if not self.kv.can_fit(len(token_ids) + 1):
-            raise InvalidRequestError("prompt", f"{len(token_ids)} tokens do not fit in the KV cache")
+        check_prompt_tokens(token_ids, self.model.cfg.vocab_size, self.max_model_len, self.kv)
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need the engine's tokenizer")
         return token_ids
@@ -159,15 +149,8 @@ class LLMEngine:
         return outputs
 
     def _append_token(self, req: Request, token: int, lp, now: float) -> RequestOutput:
-        if req.first_token_time is None:
-            req.first_token_time = now
-        req.token_ids.append(token)
+        reason = req.append_output_token(token, now, self.max_model_len)
         params = req.params
-        reason: FinishReason | None = None
-        if token in req.stop_token_ids and req.num_output_tokens >= params.min_tokens:
-            reason = FinishReason.STOP
-        elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
         text = ""
         if req.detokenizer is not None and req.stop_matcher is not None:
             match = req.stop_matcher.feed(req.detokenizer.step(token))

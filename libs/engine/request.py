@@ -76,6 +76,19 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def append_output_token(self, token: int, now: float, max_model_len: int) -> FinishReason | None:
+        """Append a sampled token; returns why the request ends with it (a stop token id once
+        min_tokens are out, or max_tokens / the context reached), None if it goes on. Stop strings
+        need the text: the engine checks them on top."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_ids.append(token)
+        if token in self.stop_token_ids and self.num_output_tokens >= self.params.min_tokens:
+            return FinishReason.STOP
+        if self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
     def update_block_hashes(self, block_size: int) -> list[BlockHash]:
         """Extend the chained hashes to every full block of token_ids; returns them all."""
         hashes = self.block_hashes

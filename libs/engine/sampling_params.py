@@ -1,8 +1,12 @@
-"""Sampling parameters, validated up front with errors that name the offending field."""
+"""Sampling parameters and prompts, validated up front with errors that name the offending field."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
 
 
 class InvalidRequestError(ValueError):
@@ -100,3 +104,20 @@ class SamplingParams:
             "logprobs",
             f"must be an integer in [0, 20], got {self.logprobs!r}",
         )
+
+
+def check_prompt_tokens(
+    token_ids: list[int], vocab_size: int, max_model_len: int, kv: KVCacheManager
+) -> None:
+    """A non-empty prompt's token ids are in the vocabulary and leave room, in the model's context
+    and in the KV cache, for at least one output token."""
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
+        raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab_size})")
+    if len(token_ids) >= max_model_len:
+        raise InvalidRequestError(
+            "prompt",
+            f"has {len(token_ids)} tokens; the model's context is {max_model_len} "
+            "(prompt plus at least one output token)",
+        )
+    if not kv.can_fit(len(token_ids) + 1):
+        raise InvalidRequestError("prompt", f"{len(token_ids)} tokens do not fit in the KV cache")

@@ -27,7 +27,7 @@ from kvmesh.libs.engine.introspection import EngineStats, check_block_refs, engi
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
 from kvmesh.libs.engine.outputs import RequestOutput, request_output
 from kvmesh.libs.engine.request import FinishReason, Request
-from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams, check_prompt_tokens
 from kvmesh.libs.engine.scheduler import Scheduler, SchedulerOutput
 from kvmesh.schemas.kv_events import KVEvent
 from kvmesh.services.sim_worker.timing import TimingProfile
@@ -85,17 +85,7 @@ class SimCore:
         params.validate()
         if not isinstance(token_ids, list) or not token_ids:
             raise InvalidRequestError("prompt", "must be a non-empty list of token ids")
-        vocab = self.config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
-        if len(token_ids) >= self.config.max_model_len:
-            raise InvalidRequestError(
-                "prompt",
-                f"has {len(token_ids)} tokens; the model's context is {self.config.max_model_len} "
-                "(prompt plus at least one output token)",
-            )
-        if not self.kv.can_fit(len(token_ids) + 1):
-            raise InvalidRequestError("prompt", f"{len(token_ids)} tokens do not fit in the KV cache")
+        check_prompt_tokens(token_ids, self.config.vocab_size, self.config.max_model_len, self.kv)
         if params.stop_strings:
             raise InvalidRequestError("stop", "stop strings need the engine's tokenizer")
         req = Request(
@@ -164,15 +154,8 @@ class SimCore:
         return SimStep(outputs, planned.duration_s, len(sched.decodes), num_prefill)
 
     def _append_token(self, req: Request, now: float) -> RequestOutput:
-        if req.first_token_time is None:
-            req.first_token_time = now
         token = self._next_token(req)
-        req.token_ids.append(token)
-        reason: FinishReason | None = None
-        if token in req.stop_token_ids and req.num_output_tokens >= req.params.min_tokens:
-            reason = FinishReason.STOP
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len:
-            reason = FinishReason.LENGTH
+        reason = req.append_output_token(token, now, self.config.max_model_len)
         if reason is not None:
             self.requests.pop(req.request_id, None)
             self._token_keys.pop(req.request_id, None)
