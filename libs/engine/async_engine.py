@@ -16,11 +16,13 @@ import asyncio
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from kvmesh.libs.engine.engine import EngineStats, LLMEngine
+from kvmesh.libs.engine.engine import LLMEngine
+from kvmesh.libs.engine.introspection import EngineStats
 from kvmesh.libs.engine.outputs import RequestOutput
 from kvmesh.libs.engine.sampling_params import SamplingParams
 from kvmesh.schemas.kv_events import KVEvent
@@ -54,7 +56,42 @@ class _Abort:
     request_id: str
 
 
-class AsyncLLM:
+class StreamingLLM(ABC):
+    """An engine behind an asyncio API, as WorkerService uses it: `add_request` hands back a queue
+    its RequestOutputs (or an exception) arrive on, the last output with finished=True; `abort`
+    cancels. Both the real engine (AsyncLLM) and the simulated one (sim_worker's SimLLM) are one."""
+
+    @abstractmethod
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> asyncio.Queue:
+        """Queue a request (raise InvalidRequestError if the engine refuses it); return its queue."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (no-op if it already finished)."""
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last one has finished=True. Raises InvalidRequestError
+        (a ValueError) before the first output if the engine refuses the request. Closing the
+        iterator early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+
+class AsyncLLM(StreamingLLM):
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         self._factory = None if isinstance(engine, LLMEngine) else engine
         self.engine: LLMEngine | None = engine if isinstance(engine, LLMEngine) else None
@@ -82,25 +119,6 @@ class AsyncLLM:
         if self.engine is None:
             raise EngineDeadError("the engine failed to start") from self.error
         return self.engine
-
-    async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; the last one has finished=True. Raises InvalidRequestError
-        (a ValueError) before the first output if the engine refuses the request. Closing the
-        iterator early aborts the request."""
-        stream = await self.add_request(request_id, prompt, params)
-        finished = False
-        try:
-            while not finished:
-                out = await stream.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
 
     async def add_request(
         self,

@@ -19,10 +19,10 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from kvmesh.libs.engine.async_engine import EngineDeadError
-from kvmesh.libs.engine.engine import EngineStats
+from kvmesh.libs.engine.async_engine import EngineDeadError, StreamingLLM
+from kvmesh.libs.engine.introspection import EngineStats
 from kvmesh.libs.engine.outputs import RequestOutput
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.schemas.kv_events import KVEvent
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 LATE_S = 0.005  # a step that ends this much after its modelled end counts as late
 
 
-class SimLLM:
+class SimLLM(StreamingLLM):
     def __init__(self, core: SimCore, speedup: float = 1.0) -> None:
         if speedup <= 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
@@ -84,22 +84,6 @@ class SimLLM:
         self.stats = self.core.stats()
         self._wake.set()
         return stream
-
-    async def generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt, params)
-        finished = False
-        try:
-            while not finished:
-                out = await stream.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
 
     async def call(self, fn: Callable[[SimCore], object]) -> object:
         """Run `fn(core)` between two steps (there is no engine thread: now is between steps)."""
