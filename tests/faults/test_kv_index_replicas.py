@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from helpers import heartbeat
 from redis.asyncio import Redis
 
 from kvmesh.libs.bus import Bus
@@ -20,12 +21,10 @@ from kvmesh.libs.launcher import Mesh, start_nats_server
 from kvmesh.schemas.kv_events import BlockStored
 from kvmesh.schemas.messages import (
     ErrorReply,
-    Heartbeat,
     OverlapReply,
     OverlapRequest,
     OverlapResult,
     Subjects,
-    WorkerStats,
 )
 from kvmesh.services.kv_index.index import KVIndex
 from kvmesh.services.kv_index.lease import LEASE
@@ -91,19 +90,8 @@ class Cluster:
 
     async def beat(self, worker: str) -> None:
         assert self.client is not None
-        stats = WorkerStats(
-            worker_id=worker,
-            role="aggregated",
-            model="m",
-            num_running=0,
-            num_waiting=0,
-            num_blocks=1,
-            num_free_blocks=1,
-            kv_usage=0.0,
-            outstanding_tokens=0,
-        )
         await self.client.publish(
-            Subjects.WORKER_HEARTBEAT, Heartbeat(stats=stats, ts=time.time(), interval_s=0.2)
+            Subjects.WORKER_HEARTBEAT, heartbeat(worker, ts=time.time(), interval_s=0.2)
         )
 
     def leaders(self) -> list[KVIndexService]:

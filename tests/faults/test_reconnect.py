@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from helpers import heartbeat
+
 from kvmesh.libs.bus import Bus
 from kvmesh.schemas.messages import (
     DetokenizeReply,
@@ -15,7 +17,6 @@ from kvmesh.schemas.messages import (
     RouteRequest,
     RouteResult,
     Subjects,
-    WorkerStats,
 )
 from kvmesh.services.router.service import RouterConfig, RouterService
 
@@ -57,18 +58,7 @@ async def test_no_responders_right_after_a_reconnect_means_not_back_yet(infra):
 
 
 def _beat(worker: str) -> Heartbeat:
-    stats = WorkerStats(
-        worker_id=worker,
-        role="aggregated",
-        model="m",
-        num_running=0,
-        num_waiting=0,
-        num_blocks=10,
-        num_free_blocks=10,
-        kv_usage=0.0,
-        outstanding_tokens=0,
-    )
-    return Heartbeat(stats=stats, ts=time.time(), interval_s=0.1)
+    return heartbeat(worker, ts=time.time(), interval_s=0.1)
 
 
 async def test_the_router_does_not_drop_workers_for_the_silence_of_a_nats_outage(infra):

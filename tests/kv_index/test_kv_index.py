@@ -5,6 +5,7 @@ import time
 
 import msgspec
 import pytest
+from helpers import heartbeat
 from redis.asyncio import Redis
 
 from kvmesh.libs.bus import Bus
@@ -15,12 +16,10 @@ from kvmesh.libs.engine.engine import LLMEngine
 from kvmesh.libs.engine.sampling_params import SamplingParams
 from kvmesh.schemas.kv_events import BlockRemoved, KVEventBatch
 from kvmesh.schemas.messages import (
-    Heartbeat,
     OverlapReply,
     OverlapRequest,
     OverlapResult,
     Subjects,
-    WorkerStats,
 )
 from kvmesh.services.kv_index.index import KVIndex
 from kvmesh.services.kv_index.service import KVIndexService
@@ -98,18 +97,7 @@ async def test_two_workers_events_give_per_worker_overlap(setup, nats_url, tiny_
     assert await service.index.overlap(query) == {"wa": 2, "wb": 2}
 
     # a worker whose heartbeats stop disappears from the index
-    stats = WorkerStats(
-        worker_id="wb",
-        role="aggregated",
-        model="m",
-        num_running=0,
-        num_waiting=0,
-        num_blocks=1,
-        num_free_blocks=1,
-        kv_usage=0.0,
-        outstanding_tokens=0,
-    )
-    await bus.publish(Subjects.WORKER_HEARTBEAT, Heartbeat(stats=stats, ts=time.time(), interval_s=0.05))
+    await bus.publish(Subjects.WORKER_HEARTBEAT, heartbeat("wb", ts=time.time(), interval_s=0.05))
     await asyncio.sleep(0.3)
     assert "wb" in await service.expire()
     assert await service.index.overlap(query) == {"wa": 2}

@@ -8,6 +8,7 @@ import gc
 
 import httpx
 import pytest
+from helpers import worker_stats
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -56,16 +57,13 @@ class _Service:
         self.worker_id, self.running = worker_id, running
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(
-            worker_id=self.worker_id,
-            role="aggregated",
+        return worker_stats(
+            self.worker_id,
             model="/models/tiny-chat",
             num_running=self.running,
             num_waiting=2,
-            num_blocks=100,
             num_free_blocks=75,
             kv_usage=0.25,
-            outstanding_tokens=0,
             num_preemptions=1,
             prefix_hit_tokens=32,
             prefix_query_tokens=64,

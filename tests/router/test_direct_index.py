@@ -3,29 +3,19 @@ kv-index service gives, and routing by load, saying so, when Redis does not answ
 
 import time
 
+from helpers import heartbeat
 from redis.asyncio import Redis
 
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
 from kvmesh.libs.launcher import free_port
 from kvmesh.schemas.kv_events import BlockStored, KVEventBatch
-from kvmesh.schemas.messages import Heartbeat, RouteReply, RouteRequest, WorkerStats
+from kvmesh.schemas.messages import RouteReply, RouteRequest
 from kvmesh.services.kv_index.index import KVIndex
 from kvmesh.services.router.service import RouterConfig, RouterService
 
 
 def beat(router: RouterService, wid: str, outstanding: int) -> None:
-    stats = WorkerStats(
-        worker_id=wid,
-        role="aggregated",
-        model="m",
-        num_running=0,
-        num_waiting=0,
-        num_blocks=100,
-        num_free_blocks=100,
-        kv_usage=0.0,
-        outstanding_tokens=outstanding,
-    )
-    router.registry.beat(Heartbeat(stats=stats, ts=0.0, interval_s=1e6))
+    router.registry.beat(heartbeat(wid, outstanding))
 
 
 async def test_routes_by_the_index_in_redis_and_by_load_without_it(redis_url):

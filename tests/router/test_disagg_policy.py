@@ -2,23 +2,14 @@
 
 import asyncio
 
-from kvmesh.schemas.messages import Heartbeat, RouteRequest, WorkerStats
+from helpers import heartbeat
+
+from kvmesh.schemas.messages import RouteRequest
 from kvmesh.services.router.service import RouterConfig, RouterService
 
 
 def beat(router: RouterService, wid: str, role: str, outstanding: int = 0) -> None:
-    stats = WorkerStats(
-        worker_id=wid,
-        role=role,
-        model="m",
-        num_running=0,
-        num_waiting=0,
-        num_blocks=100,
-        num_free_blocks=100,
-        kv_usage=0.0,
-        outstanding_tokens=outstanding,
-    )
-    router.registry.beat(Heartbeat(stats=stats, ts=0.0, interval_s=60.0))
+    router.registry.beat(heartbeat(wid, outstanding, role, interval_s=60.0))
 
 
 def route(router: RouterService, n: int):

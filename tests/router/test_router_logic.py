@@ -3,23 +3,14 @@
 import asyncio
 import time
 
-from kvmesh.schemas.messages import ErrorReply, Heartbeat, RouteReply, RouteRequest, WorkerStats
+from helpers import heartbeat
+
+from kvmesh.schemas.messages import ErrorReply, RouteReply, RouteRequest
 from kvmesh.services.router.service import RouterConfig, RouterService
 
 
 def beat(router: RouterService, wid: str, outstanding: int, now: float, interval: float = 1.0) -> None:
-    stats = WorkerStats(
-        worker_id=wid,
-        role="aggregated",
-        model="m",
-        num_running=0,
-        num_waiting=0,
-        num_blocks=100,
-        num_free_blocks=100,
-        kv_usage=0.0,
-        outstanding_tokens=outstanding,
-    )
-    router.registry.beat(Heartbeat(stats=stats, ts=0.0, interval_s=interval), now=now)
+    router.registry.beat(heartbeat(wid, outstanding, interval_s=interval), now=now)
 
 
 def route(router: RouterService, n: int = 100, exclude: list[str] | None = None):

@@ -4,8 +4,9 @@ import asyncio
 from collections import Counter
 
 import pytest
+from helpers import heartbeat
 
-from kvmesh.schemas.messages import Heartbeat, RouteReply, RouteRequest, WorkerStats
+from kvmesh.schemas.messages import RouteReply, RouteRequest
 from kvmesh.services.router.scoring import (
     KVAwareScorer,
     LoadScorer,
@@ -26,18 +27,7 @@ def router_with(
 
 
 def beat(router: RouterService, wid: str, outstanding: int = 0) -> None:
-    stats = WorkerStats(
-        worker_id=wid,
-        role="aggregated",
-        model="m",
-        num_running=0,
-        num_waiting=0,
-        num_blocks=100,
-        num_free_blocks=100,
-        kv_usage=0.0,
-        outstanding_tokens=outstanding,
-    )
-    router.registry.beat(Heartbeat(stats=stats, ts=0.0, interval_s=1e6))
+    router.registry.beat(heartbeat(wid, outstanding))
 
 
 def pick(router: RouterService, i: int = 0, held: dict[str, int] | None = None) -> RouteReply:
