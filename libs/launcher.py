@@ -352,6 +352,16 @@ class Mesh:
         popen.kill()
         popen.wait()
 
+    def pause(self, name: str) -> None:
+        """SIGSTOP one process: hung, not dead. Its connections stay open, so NATS keeps its
+        subscriptions (a queue group keeps handing it requests). `resume(name)` continues it; `stop()`
+        continues paused ones too."""
+        self.proc(name).send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT one process (harmless if it is not paused)."""
+        self.proc(name).send_signal(signal.SIGCONT)
+
     def restart(self, name: str) -> None:
         """Start a killed process again the way it first started: nats-server and redis-server on
         the same port (NATS with the same JetStream store), services with the same command line."""
@@ -375,6 +385,7 @@ class Mesh:
             for p in group:
                 if p.popen.poll() is None:
                     p.popen.send_signal(signal.SIGTERM)
+                    p.popen.send_signal(signal.SIGCONT)  # a paused process handles it only once continued
             deadline = time.monotonic() + timeout
             for p in group:
                 try:

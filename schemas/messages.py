@@ -227,6 +227,14 @@ class Subjects:
         return f"kvmesh.worker.{worker_id}.{verb}"
 
     @staticmethod
+    def every_replica(subject: str) -> str:
+        """`kvmesh.<service>.<verb>` -> `kvmesh.<service>.all.<verb>`: the same requests, served by
+        every replica of a queue-group service outside the group, so that one request reaches each
+        live replica (the gateway's hedged tries around a hung replica, services/gateway/control.py)."""
+        service, verb = subject.rsplit(".", 1)
+        return f"{service}.all.{verb}"
+
+    @staticmethod
     def stream(request_id: str) -> str:
         return f"kvmesh.stream.{request_id}"
 

@@ -98,6 +98,9 @@ def create_app(
         first_token=config.first_token_timeout,
         liveness=config.liveness_interval,
         probe=config.probe_timeout,
+        tokenizer_try=config.tokenizer_try_timeout,
+        router_try=config.router_try_timeout,
+        control_tries=config.control_tries,
     )
     limits = Limits(config.max_prompt_tokens, config.max_tokens_cap, config.max_migrations)
     generator = Generator(bus, tokenizer, served.max_model_len, timeouts, limits)

@@ -23,7 +23,13 @@ class GatewayConfig:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     first_token_timeout: float = 120.0  # seconds from arrival to the first token
     token_timeout: float = 120.0  # longest silence between two tokens on a stream
-    bus_timeout: float = 10.0  # one NATS request to the tokenizer, router or a worker
+    bus_timeout: float = 10.0  # one NATS request to a worker; all tries of one to the tokenizer or router
+    # Tokenizer and router requests (control.py): a try unanswered this long is hedged by one to every
+    # replica (a hung replica swallows its share), up to control_tries tries within bus_timeout. A
+    # tokenizer try gets 4 s more per MiB of text (a context-length prompt encodes in ~10 ms).
+    tokenizer_try_timeout: float = 1.0
+    router_try_timeout: float = 1.0
+    control_tries: int = 3
     # Request migration: a stream silent this long makes the gateway ask its worker whether it still
     # holds the request; no responder, "no" or no answer within probe_timeout moves the request.
     liveness_interval: float = 1.0
@@ -93,6 +99,9 @@ _POSITIVE = (
     "bus_timeout",
     "liveness_interval",
     "probe_timeout",
+    "tokenizer_try_timeout",
+    "router_try_timeout",
+    "control_tries",
 )
 _NON_NEGATIVE = ("max_migrations", "max_inflight", "max_body_bytes", "max_prompt_tokens", "max_tokens_cap")
 

@@ -8,6 +8,9 @@ bus timeout. Every submission streams on a subject of its own
 (`<stream subject>.<n>` after the first), so nothing a former worker still sends can reach the request.
 When every worker tried was full the client gets 429 with Retry-After; when none was left, 503.
 
+Tokenizer and router requests go through `Dispatcher.ask` (control.py: short tries, hedged onto every
+replica, within the bus timeout), so a hung replica costs a request one try timeout, not a failure.
+
 `Dispatcher.holds` is the liveness probe of request migration (generation.py): a killed worker's NATS
 connection closes with its process, so the server answers "no responders" at once; a restarted worker
 (same id, empty engine) answers "not running"; a hung one does not answer within `Timeouts.probe`.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 from nats.aio.subscription import Subscription
@@ -36,6 +39,7 @@ from kvmesh.schemas.messages import (
     RouteResult,
     Subjects,
 )
+from kvmesh.services.gateway.control import ControlClient, ControlTimeout
 from kvmesh.services.gateway.errors import RETRY_AFTER_S, GatewayError, error_from_reply
 from kvmesh.services.gateway.params import Timeouts
 
@@ -65,6 +69,7 @@ class Dispatcher:
     def __init__(self, bus: Bus, timeouts: Timeouts) -> None:
         self.bus = bus
         self.timeouts = timeouts
+        self.control = ControlClient(bus, timeouts.bus, timeouts.control_tries)
 
     async def dispatch(self, submission: Submission) -> Attempt:
         """Route and submit; raises GatewayError when no worker takes the request."""
@@ -74,7 +79,12 @@ class Dispatcher:
         failure = ""
         for n in range(DISPATCH_ATTEMPTS):
             route = await self.ask(
-                "router", Subjects.ROUTER_ROUTE, route_req, RouteResult, no_workers_ok=True
+                "router",
+                Subjects.ROUTER_ROUTE,
+                route_req,
+                RouteResult,
+                self.timeouts.router_try,
+                no_workers_ok=True,
             )
             if isinstance(route, ErrorReply):  # no_workers: every live worker is excluded already
                 break
@@ -167,11 +177,24 @@ class Dispatcher:
             await unsubscribe(sub)
         await publish_abort(self.bus, worker_id, request_id)
 
-    async def ask(self, service: str, subject: str, msg: msgspec.Struct, reply_type, no_workers_ok=False):
-        """A control-plane request whose ErrorReply or failure becomes a GatewayError (a router's
-        `no_workers` is returned instead when `no_workers_ok`)."""
+    async def ask(
+        self,
+        service: str,
+        subject: str,
+        msg: msgspec.Struct,
+        reply_type: Any,
+        try_timeout: float,
+        no_workers_ok: bool = False,
+    ) -> Any:
+        """A tokenizer or router request (idempotent: tried again, and hedged onto every replica, when
+        a try is not answered within `try_timeout`; control.py) whose ErrorReply or failure becomes a
+        GatewayError (a router's `no_workers` is returned instead when `no_workers_ok`)."""
         try:
-            reply = await self.bus.request(subject, msg, reply_type, self.timeouts.bus)
+            reply = await self.control.request(subject, msg, reply_type, try_timeout)
+        except ControlTimeout as exc:
+            raise GatewayError.unavailable(
+                f"the {service} service did not answer: {exc}", "service_timeout", RETRY_AFTER_S
+            ) from None
         except Exception as exc:
             raise self.bus_failure(service, exc) from None
         if isinstance(reply, ErrorReply) and not (no_workers_ok and reply.code == "no_workers"):

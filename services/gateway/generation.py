@@ -23,6 +23,7 @@ from kvmesh.schemas.messages import (
     SamplingOptions,
     Subjects,
 )
+from kvmesh.services.gateway.control import tokenizer_try_timeout
 from kvmesh.services.gateway.dispatch import Dispatcher, Submission
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.params import (
@@ -61,11 +62,18 @@ class Generator:
             token_ids=prompt.token_ids,
             add_generation_prompt=prompt.add_generation_prompt,
         )
-        return await self.dispatcher.ask("tokenizer", Subjects.TOKENIZER_ENCODE, req, EncodeResult)
+        chars = len(prompt.text or "") + sum(len(m.content) for m in prompt.messages or ())
+        try_timeout = tokenizer_try_timeout(self.timeouts.tokenizer_try, chars, len(prompt.token_ids or ()))
+        return await self.dispatcher.ask(
+            "tokenizer", Subjects.TOKENIZER_ENCODE, req, EncodeResult, try_timeout
+        )
 
     async def detokenize(self, token_ids: list[int]) -> str:
         req = DetokenizeRequest(token_ids=token_ids)
-        reply = await self.dispatcher.ask("tokenizer", Subjects.TOKENIZER_DETOKENIZE, req, DetokenizeResult)
+        try_timeout = tokenizer_try_timeout(self.timeouts.tokenizer_try, token_ids=len(token_ids))
+        reply = await self.dispatcher.ask(
+            "tokenizer", Subjects.TOKENIZER_DETOKENIZE, req, DetokenizeResult, try_timeout
+        )
         return reply.text
 
     async def start(self, request_id: str, prompt: PromptInput, params: GenerationParams) -> RunningRequest:

@@ -42,12 +42,15 @@ class GenerationParams:
 class Timeouts:
     """Seconds; see GatewayConfig for what each bounds."""
 
-    bus: float = 10.0  # one NATS request
+    bus: float = 10.0  # one NATS request to a worker; all tries of a tokenizer or router request
     token: float = 120.0  # silence between two tokens
     request: float = 600.0  # arrival to the last token
     first_token: float = 120.0  # arrival to the first token
     liveness: float = 1.0  # stream silence before the worker is asked whether it still holds the request
     probe: float = 2.0  # how long that question may take
+    tokenizer_try: float = 1.0  # a tokenizer try unanswered this long is hedged (plus 4 s per MiB of text)
+    router_try: float = 1.0  # the same for the router
+    control_tries: int = 3  # tries per tokenizer or router request, the first one included
 
 
 @dataclass(frozen=True, slots=True)

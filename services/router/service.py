@@ -212,6 +212,8 @@ class RouterService:
 
         await bus.serve(Subjects.WORKER_HEARTBEAT, Heartbeat, on_beat)
         await bus.serve(Subjects.ROUTER_ROUTE, RouteRequest, on_route, queue="router")
+        # outside the queue group: the gateway's hedged try when a replica does not answer
+        await bus.serve(Subjects.every_replica(Subjects.ROUTER_ROUTE), RouteRequest, on_route)
         await bus.serve(Subjects.ROUTER_HEALTH, RouterHealthRequest, on_health)
 
     def health(self) -> RouterHealth:

@@ -101,5 +101,10 @@ class TokenizerService:
         async def on_detokenize(req: DetokenizeRequest, _raw) -> DetokenizeReply | ErrorReply:
             return self.detokenize(req)
 
-        await bus.serve(Subjects.TOKENIZER_ENCODE, EncodeRequest, on_encode, queue="tokenizer")
-        await bus.serve(Subjects.TOKENIZER_DETOKENIZE, DetokenizeRequest, on_detokenize, queue="tokenizer")
+        for subject, request_type, handler in (
+            (Subjects.TOKENIZER_ENCODE, EncodeRequest, on_encode),
+            (Subjects.TOKENIZER_DETOKENIZE, DetokenizeRequest, on_detokenize),
+        ):
+            await bus.serve(subject, request_type, handler, queue="tokenizer")
+            # outside the queue group: the gateway's hedged try when a replica does not answer
+            await bus.serve(Subjects.every_replica(subject), request_type, handler)

@@ -54,7 +54,17 @@ def fault_mesh(default_model_path, tmp_path_factory) -> Mesh:
         num_workers=2,
         worker_args=["--kv-cache-gb", "0.1", "--heartbeat-interval", "0.5"],
         # a stream the bus lost must end within seconds, not the default two minutes
-        gateway_args=["--token-timeout", "10", "--bus-timeout", "5"],
+        # (a hung tokenizer or router replica costs a request one try: shorter than the default 1 s)
+        gateway_args=[
+            "--token-timeout",
+            "10",
+            "--bus-timeout",
+            "5",
+            "--tokenizer-try-timeout",
+            "0.5",
+            "--router-try-timeout",
+            "0.5",
+        ],
         log_dir=tmp_path_factory.mktemp("fault-mesh-logs"),
         tokenizer_replicas=2,
         router_replicas=2,

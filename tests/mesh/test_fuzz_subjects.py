@@ -19,6 +19,10 @@ async def spray(nats_url: str, worker_ids: list[str], rounds: int = 30) -> int:
         Subjects.ROUTER_HEALTH,
         Subjects.WORKER_HEARTBEAT,
         Subjects.KV_INDEX_OVERLAP,
+        *[
+            Subjects.every_replica(s)
+            for s in (Subjects.TOKENIZER_ENCODE, Subjects.TOKENIZER_DETOKENIZE, Subjects.ROUTER_ROUTE)
+        ],
         *[f"{Subjects.KV_EVENTS}.{w}" for w in worker_ids],
         *[Subjects.worker(w, verb) for w in worker_ids for verb in ("generate", "abort", "stats")],
     ]
