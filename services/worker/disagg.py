@@ -38,6 +38,7 @@ from kvmesh.schemas.transfer import (
     PrefillResult,
     ReleaseBlocks,
 )
+from kvmesh.services.worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,16 @@ class DisaggConfig:
 
 
 class PrefillServer:
-    def __init__(self, worker_id: str, llm: AsyncLLM, agent: KVTransferAgent, config: DisaggConfig) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        llm: AsyncLLM,
+        agent: KVTransferAgent,
+        config: DisaggConfig,
+        telemetry: WorkerTelemetry | None = None,
+    ) -> None:
         self.worker_id = worker_id
+        self.telemetry = telemetry
         self.llm = llm
         self.agent = agent
         self.config = config
@@ -85,19 +94,28 @@ class PrefillServer:
         t0 = time.monotonic()
         lease_id = _lease_id(req.request_id)
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        telemetry = self.telemetry.start_prefill(req) if self.telemetry is not None else None
         try:
             stream = await self.llm.add_request(lease_id, req.token_ids, params, hold_blocks=True)
         except InvalidRequestError as exc:
+            if telemetry is not None:
+                telemetry.fail(exc)
             return ErrorReply(code="invalid_request", message=str(exc), field=exc.field)
         try:
             while True:
                 out = await stream.get()
                 if isinstance(out, BaseException):
+                    if telemetry is not None:
+                        telemetry.fail(out)
                     return ErrorReply(code="internal", message=str(out))
+                if telemetry is not None:
+                    telemetry.output(out)
                 if out.finished:
                     break
         except asyncio.CancelledError:
             self.llm.abort(lease_id)
+            if telemetry is not None:
+                telemetry.fail("cancelled")
             raise
         if out.held_block_ids is None:  # aborted before it finished
             return ErrorReply(code="unavailable", message=f"prefill of {req.request_id} was aborted")

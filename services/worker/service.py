@@ -260,7 +260,7 @@ class WorkerService:
         await bus.serve(Subjects.worker(wid, "status"), RequestStatusQuery, on_status)
         if self.agent is not None:
             if self.config.role == "prefill":
-                self.prefill_server = PrefillServer(wid, self.llm, self.agent, self.disagg)
+                self.prefill_server = PrefillServer(wid, self.llm, self.agent, self.disagg, self.telemetry)
                 await self.prefill_server.attach(bus)
                 self._background = asyncio.create_task(self.prefill_server.run(self._stop))
             else:

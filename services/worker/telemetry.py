@@ -12,7 +12,8 @@ wrap the pull in libs.tracing.kv_transfer_span, which also counts kvmesh:kv_tran
         ...NIXL READ...
     telemetry.prefill_where = "remote"  # kvmesh:prefill_requests_total{where="remote"}
 
-A prefill-role worker, which prefills for another worker's stream, sets `prefill_where = None`: the
+A prefill-role worker, which prefills for another worker's stream, opens the same span with
+`start_prefill` (`prefill_where = None`): its prompt tokens and prefill time are its own, but the
 request is counted once, by the worker that streams it.
 """
 
@@ -28,6 +29,7 @@ from kvmesh.libs import tracing
 from kvmesh.libs.engine.outputs import RequestOutput, RequestTiming
 from kvmesh.libs.metrics import WorkerMetrics, model_label
 from kvmesh.schemas.messages import GenerateRequest
+from kvmesh.schemas.transfer import PrefillRequest
 
 REQUEST_SPAN = "kvmesh.worker.request"
 
@@ -42,16 +44,27 @@ class WorkerTelemetry:
 
     def start(self, req: GenerateRequest) -> RequestTelemetry:
         """Open the request's span under the current context (the generate request's)."""
-        span = tracing.tracer.start_span(
-            REQUEST_SPAN,
-            attributes={
-                tracing.REQUEST_ID: req.request_id,
-                tracing.WORKER_ID: self.worker_id,
-                tracing.PROMPT_TOKENS: len(req.token_ids),
-                "gen_ai.request.max_tokens": req.sampling.max_tokens,
-            },
-        )
-        return RequestTelemetry(self, span)
+        return self._start(req.request_id, len(req.token_ids), req.sampling.max_tokens, "local")
+
+    def start_prefill(self, req: PrefillRequest) -> RequestTelemetry:
+        """A prefill-role worker's part of another worker's request: its span (under the prefill
+        request's) and prompt tokens; the request itself is counted by the worker that streams it."""
+        return self._start(req.request_id, len(req.token_ids), 0, None)
+
+    def _start(
+        self, request_id: str, num_prompt_tokens: int, max_tokens: int, prefill_where: str | None
+    ) -> RequestTelemetry:
+        attributes = {
+            tracing.REQUEST_ID: request_id,
+            tracing.WORKER_ID: self.worker_id,
+            tracing.PROMPT_TOKENS: num_prompt_tokens,
+        }
+        if prefill_where is not None:
+            attributes["gen_ai.request.max_tokens"] = max_tokens
+        span = tracing.tracer.start_span(REQUEST_SPAN, attributes=attributes)
+        telemetry = RequestTelemetry(self, span)
+        telemetry.prefill_where = prefill_where
+        return telemetry
 
 
 class RequestTelemetry:

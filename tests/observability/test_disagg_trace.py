@@ -36,13 +36,22 @@ def disagg_mesh(tiny_chat_model_path, otlp, tmp_path_factory) -> Mesh:
 def test_the_prefill_and_the_kv_transfer_are_in_the_request_trace(disagg_mesh, otlp):
     decode = disagg_mesh.metrics_urls["worker-0"]
     before = scrape(decode)
+    prefill_before = scrape(disagg_mesh.metrics_urls["prefill-0"])
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "ignore_eos": True}
     r = httpx.post(f"{disagg_mesh.base_url}/v1/chat/completions", json=body, timeout=120)
     r.raise_for_status()
     request_id = r.json()["id"]
 
     def done(spans) -> bool:
-        return complete_trace(request_id)(spans) and any(s.name == "kvmesh.kv_transfer" for s in spans)
+        return (
+            complete_trace(request_id)(spans)
+            and any(s.name == "kvmesh.kv_transfer" for s in spans)
+            and sum(
+                s.name == "kvmesh.worker.request" and s.attributes.get("kvmesh.request_id") == request_id
+                for s in spans
+            )
+            == 2
+        )
 
     trace = trace_of(otlp.wait_for(done), request_id)
     by_id = {s.span_id: s for s in trace}
@@ -50,8 +59,10 @@ def test_the_prefill_and_the_kv_transfer_are_in_the_request_trace(disagg_mesh, o
     assert route["kvmesh.router.prefill_worker_id"] == "prefill-0"
     assert route["kvmesh.router.prefill_reason"] == "remote"
 
-    work = one(trace, "kvmesh.worker.request", "kvmesh-worker")
-    assert work.attributes["kvmesh.worker_id"] == "worker-0" and work.attributes["kvmesh.prefill"] == "remote"
+    works = {s.attributes["kvmesh.worker_id"]: s for s in trace if s.name == "kvmesh.worker.request"}
+    assert sorted(works) == ["prefill-0", "worker-0"]
+    work = works["worker-0"]
+    assert work.attributes["kvmesh.prefill"] == "remote"
     transfer = one(trace, "kvmesh.kv_transfer", "kvmesh-worker")
     assert transfer.parent_id == work.span_id
     assert transfer.attributes["kvmesh.kv_transfer.peer"] == "prefill-0"
@@ -64,6 +75,22 @@ def test_the_prefill_and_the_kv_transfer_are_in_the_request_trace(disagg_mesh, o
     prefill = one(trace, "kvmesh.worker.*.prefill", "kvmesh-worker", SERVER)
     assert by_id[prefill.parent_id].service == "kvmesh-worker"
     assert prefill.start_ns <= transfer.start_ns
+    # ... and under it, the prefill worker's own request span: the prompt's full blocks, no stream
+    remote = works["prefill-0"]
+    assert remote.parent_id == prefill.span_id
+    assert remote.attributes["kvmesh.prefill"] == "none"
+    assert 0 < remote.attributes["gen_ai.usage.input_tokens"] <= work.attributes["gen_ai.usage.input_tokens"]
+    assert remote.end_ns <= transfer.start_ns
+    prefill_after = scrape(disagg_mesh.metrics_urls["prefill-0"])
+    assert (
+        total(prefill_after, "vllm:prompt_tokens_total") - total(prefill_before, "vllm:prompt_tokens_total")
+        == remote.attributes["gen_ai.usage.input_tokens"]
+    )
+    assert total(prefill_after, "vllm:request_prefill_time_seconds_count") > total(
+        prefill_before, "vllm:request_prefill_time_seconds_count"
+    )
+    # counted once, by the worker that streams it
+    assert total(prefill_after, "kvmesh:prefill_requests_total") == 0
 
     after = scrape(decode)
     assert (
