@@ -14,6 +14,13 @@ python - <<'PY'
 from kvmesh.libs.engine.model_store import resolve_model
 print("kvmesh: default model at", resolve_model())
 PY
+# The engine's CPU paged-attention kernel (C++, -march=native): built once here (~30 s) rather than
+# by the first worker to start. Without a compiler the engine keeps its torch path.
+python - <<'PY'
+from kvmesh.kernels.paged_attention_cpu import load
+module = load()
+print("kvmesh: CPU paged-attention kernel", "built: " + module.__file__ if module else "unavailable")
+PY
 # promtool (Prometheus' config and PromQL checker, for tests/deploy): taken out of Debian's
 # prometheus package into the kvmesh cache; the package itself (a daemon) is not installed.
 PROMTOOL_DIR="${KVMESH_CACHE_DIR:-$HOME/.cache/kvmesh}/tools/bin"

@@ -1,0 +1,75 @@
+"""The C++ CPU paged-attention kernel against the pure-torch reference, on the same poisoned random
+paged batches as the Triton kernel (test_paged_attention.py): anything read outside a sequence's
+live positions is NaN and fails the comparison."""
+
+import pytest
+import torch
+from test_paged_attention import BATCHES, HEADS, TOLERANCES, assert_matches_reference, make_batch
+
+from kvmesh.kernels.paged_attention_cpu import load, paged_attention_cpu
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if load() is None:
+        pytest.fail("the CPU kernel did not build (a C++ compiler is part of the install)")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("head_major", [True, False], ids=["engine-layout", "token-major"])
+@pytest.mark.parametrize("heads", list(HEADS.values()), ids=list(HEADS))
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128)], ids=["bs16-d64", "bs32-d128"])
+@pytest.mark.parametrize("batch_name", list(BATCHES))
+def test_matches_reference(batch_name, block_size, head_dim, heads, head_major, dtype):
+    q_lens, cached_lens = BATCHES[batch_name]
+    batch = make_batch(
+        q_lens,
+        cached_lens,
+        block_size=block_size,
+        num_heads=heads[0],
+        num_kv_heads=heads[1],
+        head_dim=head_dim,
+        dtype=dtype,
+        device=torch.device("cpu"),
+        head_major=head_major,
+    )
+    assert not batch.k_cache.is_contiguous()
+    assert_matches_reference(batch, paged_attention_cpu(*batch))
+
+
+def test_writes_into_a_strided_out_and_leaves_other_rows():
+    batch = make_batch(
+        [1, 1, 3],
+        [30, 0, 12],
+        block_size=16,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        head_major=True,
+    )
+    wide = torch.full((batch.q.shape[0], 9, 2, 64), 7.0)  # out rows with a stride of 2 * 64 per head
+    out = wide[:, :, 0]
+    paged_attention_cpu(*batch, out=out)
+    assert torch.equal(wide[:, :, 1], torch.full_like(wide[:, :, 1], 7.0))
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out, paged_attention_cpu(*batch), atol=tol, rtol=tol)
+
+
+def test_rejects_a_block_table_too_short_for_its_sequence():
+    batch = make_batch(
+        [1],
+        [40],
+        block_size=16,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=64,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    short = batch._replace(block_tables=batch.block_tables[:, :2].contiguous())  # 41 tokens need 3
+    with pytest.raises(RuntimeError, match="block table too short"):
+        paged_attention_cpu(*short)
