@@ -39,18 +39,16 @@ def test_matches_reference(batch_name, block_size, head_dim, heads, head_major, 
     assert_matches_reference(batch, paged_attention_cpu(*batch))
 
 
+def smollm_batch(q_lens: list[int], cached_lens: list[int]):
+    """fp32, SmolLM2's heads (9 query, 3 kv, head_dim 64), 16-token blocks, the engine's layout."""
+    return make_batch(
+        q_lens, cached_lens, block_size=16, num_heads=9, num_kv_heads=3, head_dim=64,
+        dtype=torch.float32, device=torch.device("cpu"), head_major=True,
+    )  # fmt: skip
+
+
 def test_writes_into_a_strided_out_and_leaves_other_rows():
-    batch = make_batch(
-        [1, 1, 3],
-        [30, 0, 12],
-        block_size=16,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        head_major=True,
-    )
+    batch = smollm_batch([1, 1, 3], [30, 0, 12])
     wide = torch.full((batch.q.shape[0], 9, 2, 64), 7.0)  # out rows with a stride of 2 * 64 per head
     out = wide[:, :, 0]
     paged_attention_cpu(*batch, out=out)
@@ -60,16 +58,7 @@ def test_writes_into_a_strided_out_and_leaves_other_rows():
 
 
 def test_rejects_a_block_table_too_short_for_its_sequence():
-    batch = make_batch(
-        [1],
-        [40],
-        block_size=16,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=64,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
+    batch = smollm_batch([1], [40])
     short = batch._replace(block_tables=batch.block_tables[:, :2].contiguous())  # 41 tokens need 3
     with pytest.raises(RuntimeError, match="block table too short"):
         paged_attention_cpu(*short)
