@@ -1,8 +1,10 @@
 """The global KV block index in Redis: block key -> the workers holding it.
 
-Keys are re-derived from the tokens each BlockStored event carries (the same chained hash the
-tokenizer computes), so any publisher can feed the index, stock vLLM included, whatever its own
-hash; a per-worker map from the publisher's hash to our key serves removals and parent lookups.
+A `BlockIndex` (libs/kv_event_feed.py): keys are re-derived from the tokens each BlockStored event
+carries (the same chained hash the tokenizer computes), so any publisher can feed the index, stock
+vLLM included, whatever its own hash; a per-worker map from the publisher's hash to our key serves
+removals and parent lookups. The router's `--index local` replica (libs/memory_index.py) is written
+by the same code, in memory.
 
 The Redis layout and the longest-prefix query (one Lua script) are in libs/prefix_index.py, the
 contract with anyone who reads the index.
@@ -10,53 +12,34 @@ contract with anyone who reads the index.
 
 from __future__ import annotations
 
-import time
-
 from redis.asyncio import Redis
 
-from kvmesh.libs.engine.block_hash import BlockHash, hash_block, root_hash
+from kvmesh.libs.engine.block_hash import BlockHash
+from kvmesh.libs.kv_event_feed import BlockIndex
 from kvmesh.libs.prefix_index import P, PrefixIndexReader
-from kvmesh.schemas.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvmesh.schemas.kv_events import EngineHash
 
 
-class KVIndex:
+class KVIndex(BlockIndex):
     def __init__(self, redis: Redis, extra_keys: bytes, seed: int) -> None:
+        super().__init__(extra_keys, seed)
         self.redis = redis
-        self.extra_keys = extra_keys
-        self.seed = seed
         self.reader = PrefixIndexReader(redis)
 
-    async def apply(self, worker: str, batch: KVEventBatch) -> None:
-        for event in batch.events:
-            if isinstance(event, BlockStored):
-                await self._stored(worker, event, batch.ts)
-            elif isinstance(event, BlockRemoved):
-                await self._removed(worker, event.block_hashes)
-            elif isinstance(event, AllBlocksCleared):
-                await self.clear_worker(worker)
+    async def key_of(self, worker: str, engine_hash: EngineHash) -> BlockHash | None:
+        known = await self.redis.hget(f"{P}emap:{worker}", str(engine_hash))
+        return None if known is None else BlockHash(int(known))
 
-    async def _stored(self, worker: str, ev: BlockStored, ts: float) -> None:
+    async def add(self, worker: str, blocks: list[tuple[EngineHash, BlockHash]], ts: float) -> None:
         emap = f"{P}emap:{worker}"
-        if ev.parent_block_hash is None:
-            parent = root_hash(self.seed)
-        else:
-            known = await self.redis.hget(emap, str(ev.parent_block_hash))
-            if known is None:
-                return  # the parent was never indexed (evicted meanwhile): the chain is unusable
-            parent = BlockHash(int(known))
-        bs = ev.block_size
         pipe = self.redis.pipeline(transaction=False)
-        for i, engine_hash in enumerate(ev.block_hashes):
-            tokens = ev.token_ids[i * bs : (i + 1) * bs]
-            if len(tokens) < bs:
-                break
-            parent = hash_block(parent, tokens, self.extra_keys, self.seed)
-            pipe.hset(f"{P}blk:{parent}", worker, ts or time.time())
-            pipe.sadd(f"{P}wblk:{worker}", parent)
-            pipe.hset(emap, str(engine_hash), parent)
+        for engine_hash, key in blocks:
+            pipe.hset(f"{P}blk:{key}", worker, ts)
+            pipe.sadd(f"{P}wblk:{worker}", key)
+            pipe.hset(emap, str(engine_hash), key)
         await pipe.execute()
 
-    async def _removed(self, worker: str, engine_hashes: list[int]) -> None:
+    async def remove(self, worker: str, engine_hashes: list[EngineHash]) -> None:
         emap = f"{P}emap:{worker}"
         keys = await self.redis.hmget(emap, [str(h) for h in engine_hashes])
         pipe = self.redis.pipeline(transaction=False)
@@ -70,7 +53,6 @@ class KVIndex:
         await pipe.execute()
 
     async def clear_worker(self, worker: str) -> None:
-        """Forget everything a worker holds (it cleared its cache, restarted, or died)."""
         keys = await self.redis.smembers(f"{P}wblk:{worker}")
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
@@ -80,7 +62,6 @@ class KVIndex:
         await pipe.execute()
 
     async def overlap(self, block_hashes: list[int]) -> dict[str, int]:
-        """worker -> number of leading blocks of this prompt it holds."""
         return await self.reader.overlap(block_hashes)
 
     async def workers(self) -> set[str]:

@@ -4,7 +4,7 @@ Batches go to `kvmesh.kv.events.<worker_id>` on the JetStream stream KVMESH_KV_E
 restarted index can replay them. The payload is a vLLM-shaped `KVEventBatch` (msgpack); the worker id
 and a per-worker sequence number travel in headers. Sequence 0 is always an AllBlocksCleared batch:
 a (re)started worker's cache is empty, whatever an index remembers about it. A gap in the sequence
-tells the index to resync that worker.
+tells the index to resync that worker. The stream's contract (name, headers) is libs/kv_event_stream.py.
 """
 
 from __future__ import annotations
@@ -15,30 +15,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from nats.js.api import StreamConfig
-
 from kvmesh.libs.bus import Bus, encode
+from kvmesh.libs.kv_event_stream import SEQ_HEADER, WORKER_HEADER, ensure_stream
+from kvmesh.libs.kv_event_stream import STREAM as STREAM  # its readers' name for it too
 from kvmesh.schemas.kv_events import AllBlocksCleared, KVEvent, KVEventBatch
 from kvmesh.schemas.messages import Subjects
 
 log = logging.getLogger(__name__)
-
-STREAM = "KVMESH_KV_EVENTS"
-SEQ_HEADER = "Kvmesh-Seq"
-WORKER_HEADER = "Kvmesh-Worker"
-
-
-async def ensure_stream(bus: Bus, max_age_s: float = 3600.0) -> bool:
-    """Create (or keep) the KV-event stream. False when the server has no JetStream."""
-    try:
-        js = bus.nc.jetstream()
-        await js.add_stream(
-            StreamConfig(name=STREAM, subjects=[f"{Subjects.KV_EVENTS}.>"], max_age=max_age_s)
-        )
-        return True
-    except Exception as exc:
-        log.warning("JetStream unavailable (%r): KV events go out on core NATS, without replay", exc)
-        return False
 
 
 class KVEventPublisher:
