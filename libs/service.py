@@ -1,5 +1,8 @@
 """What every service process shares: logging, config from flags with env fallbacks, the run loop
-(uvloop, SIGTERM/SIGINT -> graceful stop), the metrics/health endpoint (libs/metrics_server.py)."""
+(uvloop, SIGTERM/SIGINT -> graceful stop), the metrics/health endpoint (libs/metrics_server.py).
+
+A simple service's `main` is `start_service` (flags, logging, threads, tracing), building its
+service object, then `serve_on_bus` (connect, attach, serve until SIGTERM, close, drain)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,39 @@ def add_common_args(parser: argparse.ArgumentParser, metrics_port: bool = True) 
         parser.add_argument("--metrics-host", default=env_default("KVMESH_METRICS_HOST", "0.0.0.0"))
 
 
+def add_flag(
+    parser: argparse.ArgumentParser, flag: str, env: str, default: Any, help: str | None = None
+) -> None:
+    """`--flag` with the environment variable `env` as its fallback, typed like `default`."""
+    typed = default is not None and not isinstance(default, bool | str)
+    kwargs = {"type": type(default)} if typed else {}
+    parser.add_argument(flag, default=env_default(env, default), help=help, **kwargs)
+
+
+def start_service(
+    name: str,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    threads: int | None = None,
+) -> argparse.Namespace:
+    """The start of a service's main: parse its flags (the common ones, then `add_args`'), set up
+    logging, the thread count (`threads`, before anything imports torch; None: untouched) and
+    tracing. Returns the flags."""
+    parser = argparse.ArgumentParser(prog=f"kvmesh-{name}")
+    add_common_args(parser)
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args()
+    setup_logging(name, args.log_level)
+    if threads is not None:
+        from kvmesh.libs.threads import configure_threads
+
+        configure_threads(threads)
+    from kvmesh.libs.tracing import setup_tracing
+
+    setup_tracing(name)
+    return args
+
+
 def setup_logging(service: str, level: str = "INFO") -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -64,26 +100,27 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 
 def serve_on_bus(
-    nats_url: str,
+    args: argparse.Namespace,
     name: str,
     attach: Callable[[Any], Awaitable[None]],
-    metrics_port: int = 0,
-    metrics_host: str = "0.0.0.0",
+    close: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """The whole life of a simple service: start its metrics endpoint (unless `metrics_port` is 0),
-    connect, `attach(bus)` its handlers (from then on /health answers 200), serve until SIGTERM,
-    then drain."""
+    """The whole life of a simple service: start its metrics endpoint (`args.metrics_port`, unless
+    0), connect to `args.nats_url`, `attach(bus)` its handlers (from then on /health answers 200),
+    serve until SIGTERM, `close()` it, then drain."""
 
     async def main(stop: asyncio.Event) -> None:
         from kvmesh.libs.bus import Bus
         from kvmesh.libs.metrics_server import start_metrics_server
 
-        metrics = await start_metrics_server(metrics_port, metrics_host)
-        bus = await Bus.connect(nats_url, name)
+        metrics = await start_metrics_server(args.metrics_port, args.metrics_host)
+        bus = await Bus.connect(args.nats_url, name)
         await attach(bus)
         if metrics is not None:
             metrics.attached(bus)
         await stop.wait()
+        if close is not None:
+            await close()
         await bus.close()
         if metrics is not None:
             await metrics.close()
