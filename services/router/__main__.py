@@ -30,16 +30,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--index",
-        default=env_default("KVMESH_ROUTER_INDEX", "kv-index"),
-        choices=["kv-index", "redis"],
-        help="where prefix overlaps come from: the kv-index service over NATS, or its Redis directly "
-        "(--redis-url / KVMESH_REDIS_URL; one hop less per decision)",
+        default=env_default("KVMESH_ROUTER_INDEX", "local"),
+        choices=["local", "kv-index", "redis"],
+        help="where prefix overlaps come from: a replica of the index in this process fed by the KV "
+        "event stream (no round trip per decision), the kv-index service over NATS, or its Redis "
+        "directly (--redis-url / KVMESH_REDIS_URL)",
     )
     add_flag(parser, "--redis-url", "KVMESH_REDIS_URL", "redis://127.0.0.1:6379")
+    add_flag(
+        parser,
+        "--silent-worker-s",
+        "KVMESH_ROUTER_SILENT_WORKER_S",
+        10.0,
+        "--index local: a worker known only from its KV events leaves the replica after this long",
+    )
 
 
 def main() -> None:
     args = start_service("router", add_args)
+    from kvmesh.libs.engine.block_hash import encode_extra_keys
     from kvmesh.libs.metrics import model_label
     from kvmesh.services.router.scoring import make_scorer
     from kvmesh.services.router.service import RouterConfig, RouterService
@@ -49,10 +58,14 @@ def main() -> None:
         model_name=model_label(args.model),
         disagg_min_tokens=args.disagg_min_tokens,
         disagg_max_queue_tokens=args.disagg_max_queue_tokens,
+        index=args.index,
         index_redis_url=args.redis_url if args.index == "redis" else None,
+        # the namespace the tokenizer hashes in: the model's name (its folder's, for a path)
+        index_extra_keys=encode_extra_keys(model_label(args.model)),
+        silent_worker_s=args.silent_worker_s,
     )
     service = RouterService(config, make_scorer(args.scorer))
-    serve_on_bus(args, "router", service.attach)
+    serve_on_bus(args, "router", service.attach, service.close)
 
 
 if __name__ == "__main__":

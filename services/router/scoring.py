@@ -4,7 +4,9 @@ Costs are in tokens of work the worker would have to do or finish first, so that
 load trade off in one unit: a worker that already holds 1,000 of the prompt's tokens saves that
 much prefill, worth `prefill_weight` tokens of queue each.
 
-Per decision the router calls `begin(req, candidates)` once, then `score` for each candidate.
+Per decision the router calls `begin(req, candidates)` once, then `costs` (every candidate's score
+value in one call: with hundreds of workers, one loop without a call or an object per worker), then
+`score` for the chosen one only (its reason).
 Round-robin and random are the baselines KV-aware routing is measured against (loadtest/prefix_bench.py);
 `make_scorer(name)` builds any of them from the router's `--scorer` flag.
 """
@@ -32,6 +34,12 @@ class Scorer(Protocol):
         self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool
     ) -> Score: ...
 
+    def costs(
+        self, req: RouteRequest, workers: list[WorkerInfo], overlap: dict[str, int], session: str | None
+    ) -> list[float]:
+        """`score(...).value` of every candidate, in order (`overlap`: worker -> cached blocks;
+        `session`: the worker of the session's last turn)."""
+
 
 class LoadScorer:
     """Least outstanding tokens (queued prompt tokens + tokens still to decode), KV usage as a
@@ -42,6 +50,11 @@ class LoadScorer:
 
     def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
         return Score(worker.load_tokens + worker.stats.kv_usage, "load")
+
+    def costs(
+        self, req: RouteRequest, workers: list[WorkerInfo], overlap: dict[str, int], session: str | None
+    ) -> list[float]:
+        return [w.stats.outstanding_tokens + w.assigned_tokens + w.stats.kv_usage for w in workers]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,24 @@ class KVAwareScorer:
             return Score(cost - self.session_bonus, "prefix" if cached else "session")
         return Score(cost, "prefix" if cached else "load")
 
+    def costs(
+        self, req: RouteRequest, workers: list[WorkerInfo], overlap: dict[str, int], session: str | None
+    ) -> list[float]:
+        # score()'s arithmetic for every worker (256 workers: ~40 us instead of ~110 us through score)
+        n = req.num_tokens
+        uncached = self.prefill_weight * n  # of a worker holding nothing: most of them
+        lw = self.load_weight
+        out = [
+            uncached + lw * (w.stats.outstanding_tokens + w.assigned_tokens) + w.stats.kv_usage
+            for w in workers
+        ]
+        if overlap or session is not None:  # the few others: score() itself, for the same value
+            for i, w in enumerate(workers):
+                wid = w.stats.worker_id
+                if wid in overlap or wid == session:
+                    out[i] = self.score(req, w, overlap.get(wid, 0), wid == session).value
+        return out
+
 
 class RoundRobinScorer:
     """Baseline: each worker in turn (by worker id), blind to caches and load. The turn passes to
@@ -87,6 +118,12 @@ class RoundRobinScorer:
     def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
         return Score(0.0 if worker.stats.worker_id == self._turn else 1.0, "round-robin")
 
+    def costs(
+        self, req: RouteRequest, workers: list[WorkerInfo], overlap: dict[str, int], session: str | None
+    ) -> list[float]:
+        turn = self._turn
+        return [0.0 if w.stats.worker_id == turn else 1.0 for w in workers]
+
 
 class RandomScorer:
     """Baseline: a uniformly random worker (every score ties; the router breaks ties at random)."""
@@ -96,6 +133,11 @@ class RandomScorer:
 
     def score(self, req: RouteRequest, worker: WorkerInfo, overlap_blocks: int, session_match: bool) -> Score:
         return Score(0.0, "random")
+
+    def costs(
+        self, req: RouteRequest, workers: list[WorkerInfo], overlap: dict[str, int], session: str | None
+    ) -> list[float]:
+        return [0.0] * len(workers)
 
 
 SCORERS = {"kv": KVAwareScorer, "load": LoadScorer, "round-robin": RoundRobinScorer, "random": RandomScorer}

@@ -1,10 +1,13 @@
-"""Router service: picks a worker per request from prefix overlap (kv-index), load (heartbeats)
-and session affinity. Without the kv-index it keeps routing by load and reports itself degraded."""
+"""Router service: picks a worker per request from prefix overlap (the KV index), load (heartbeats)
+and session affinity. Without the index it keeps routing by load and reports itself degraded.
+
+The index is read from one of three places (`RouterConfig.index`): the kv-index service over NATS,
+its Redis directly, or the router's own in-memory replica fed by the KV event stream (local_index.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import random
 import time
@@ -29,8 +32,9 @@ from kvmesh.schemas.messages import (
     Subjects,
 )
 from kvmesh.services.router.disagg import PrefillPolicy
+from kvmesh.services.router.local_index import LocalIndex
 from kvmesh.services.router.scoring import KVAwareScorer, Scorer
-from kvmesh.services.router.telemetry import trace_decision
+from kvmesh.services.router.telemetry import best_candidates, trace_decision
 from kvmesh.services.router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -46,9 +50,18 @@ class RouterConfig:
     model_name: str = ""  # the model_name label of the router's metrics
     disagg_min_tokens: int = 512  # remote prefill only for at least this many uncached prompt tokens
     disagg_max_queue_tokens: int = 16384  # a prefill worker with this much outstanding work is saturated
-    # Read the KV index straight from Redis (libs/prefix_index.py) instead of asking the kv-index
-    # service over NATS: one round trip and one process less per decision.
+    # Where prefix overlaps come from: "kv-index" (the service, over NATS), "redis" (the index in
+    # Redis read directly, libs/prefix_index.py: one round trip and one process less per decision),
+    # "local" (a replica of the index in this process, fed by the KV event stream: no round trip).
+    # '' : "redis" when index_redis_url is set, else "kv-index".
+    index: str = ""
     index_redis_url: str | None = None
+    index_extra_keys: bytes = b""  # local: the hash namespace (encode_extra_keys of the model name)
+    silent_worker_s: float = 10.0  # local: a worker known only from its events is dropped after this
+
+    @property
+    def index_mode(self) -> str:
+        return self.index or ("redis" if self.index_redis_url else "kv-index")
 
 
 class RouterService:
@@ -69,13 +82,33 @@ class RouterService:
             config.disagg_min_tokens, config.disagg_max_queue_tokens, getattr(self.scorer, "block_size", 16)
         )
         self.index_reader: PrefixIndexReader | None = None
-        if config.index_redis_url:
+        self.local_index: LocalIndex | None = None
+        mode = config.index_mode
+        if mode == "redis":
             from kvmesh.libs.credentials import redis_client  # KVMESH_REDIS_* credentials
 
+            if not config.index_redis_url:
+                raise ValueError("--index redis needs a Redis URL")
             redis = redis_client(config.index_redis_url, socket_connect_timeout=1, socket_timeout=1)
             self.index_reader = PrefixIndexReader(redis)
+        elif mode == "local":
+            self.local_index = LocalIndex(config.index_extra_keys, silent_worker_s=config.silent_worker_s)
+        elif mode != "kv-index":
+            raise ValueError(f"unknown index {mode!r} (choose from kv-index, redis, local)")
+
+    def _index_answers(self, ok: bool, what: str) -> None:
+        """Record (and log when it changes) whether the index answered."""
+        if ok and not self.index_ok:
+            log.info("%s answers again: routing by prefix overlap", what)
+        elif not ok and self.index_ok:
+            log.warning("%s unavailable: routing by load", what)
+        self.index_ok = ok
 
     async def overlap(self, req: RouteRequest, timeout: float | None = None) -> dict[str, int]:
+        if self.local_index is not None:
+            ok = self.local_index.ok
+            self._index_answers(ok, f"local KV index ({self.local_index.state})")
+            return self.local_index.overlap(req.block_hashes) if ok and req.block_hashes else {}
         if self.index_reader is not None and req.block_hashes:
             return await self._read_index(req.block_hashes, timeout or self.config.overlap_timeout_s)
         if not req.block_hashes or self.bus is None:
@@ -117,8 +150,9 @@ class RouterService:
         return overlap
 
     async def check_index(self, timeout: float = 1.0) -> bool:
-        """Ask the kv-index now (one single-block query), so that health tells its state as of now,
-        not as of the last routed request (a replica that routed nothing would not know)."""
+        """Ask the index now (one single-block query; the local replica: whether it is caught up and
+        following the stream), so that health tells its state as of now, not as of the last routed
+        request (a replica that routed nothing would not know)."""
         probe = RouteRequest(request_id="health", num_tokens=0, max_tokens=0, block_hashes=[0])
         await self.overlap(probe, timeout)
         return self.index_ok
@@ -135,18 +169,11 @@ class RouterService:
         overlap = await self.overlap(req) if len(workers) > 1 else {}
         session_worker = self.sessions.get(req.session_id) if req.session_id else None
         self.scorer.begin(req, live)
-        scored = [
-            (
-                self.scorer.score(
-                    req, w, overlap.get(w.stats.worker_id, 0), w.stats.worker_id == session_worker
-                ),
-                w,
-            )
-            for w in live
-        ]
-        best = min(s.value for s, _ in scored)
-        choice_score, choice = self.rng.choice([(s, w) for s, w in scored if s.value == best])
+        costs = self.scorer.costs(req, live, overlap, session_worker)
+        best = min(costs)
+        choice = self.rng.choice([w for w, c in zip(live, costs, strict=True) if c == best])
         wid = choice.stats.worker_id
+        choice_score = self.scorer.score(req, choice, overlap.get(wid, 0), wid == session_worker)
         reason = choice_score.reason if len(live) > 1 else "only"
         block = getattr(self.scorer, "block_size", 16)
         cached = min(overlap.get(wid, 0) * block, req.num_tokens)
@@ -167,7 +194,7 @@ class RouterService:
         self.hit_tokens += cached
         self.available_hit_tokens += available
         self.metrics.decision(reason, cached, available)
-        trace_decision(wid, reason, choice_score.value, cached, available, overlap, scored, prefill)
+        trace_decision(wid, reason, choice_score.value, cached, available, overlap, live, costs, prefill)
         if req.session_id:
             self.sessions[req.session_id] = wid
             self.sessions.move_to_end(req.session_id)
@@ -182,8 +209,8 @@ class RouterService:
                 reason,
                 prefill_id or "local",
                 prefill.reason,
-                len(scored),
-                _best(scored, overlap),
+                len(live),
+                _best(live, costs, overlap),
             )
         return RouteReply(
             worker_id=wid,
@@ -205,6 +232,8 @@ class RouterService:
 
         async def on_beat(hb: Heartbeat, _raw) -> None:
             self.registry.beat(hb)
+            if self.local_index is not None:
+                self.local_index.beat(hb.stats.worker_id, hb.interval_s)
 
         async def on_health(_req: RouterHealthRequest, _raw) -> RouterHealth:
             await self.check_index()
@@ -215,6 +244,14 @@ class RouterService:
         # outside the queue group: the gateway's hedged try when a replica does not answer
         await bus.serve(Subjects.every_replica(Subjects.ROUTER_ROUTE), RouteRequest, on_route)
         await bus.serve(Subjects.ROUTER_HEALTH, RouterHealthRequest, on_health)
+        if self.local_index is not None:
+            await self.local_index.start(bus)
+
+    async def close(self) -> None:
+        if self.local_index is not None:
+            await self.local_index.close()
+        if self.index_reader is not None:
+            await self.index_reader.redis.aclose()
 
     def health(self) -> RouterHealth:
         return RouterHealth(
@@ -226,7 +263,10 @@ class RouterService:
         )
 
 
-def _best(scored: list, overlap: dict[str, int]) -> dict[str, tuple[float, int]]:
+def _best(live: list, costs: list[float], overlap: dict[str, int]) -> dict[str, tuple[float, int]]:
     """worker -> (score, cached blocks) of the best-scored candidates."""
-    best = heapq.nsmallest(LOG_CANDIDATES, scored, key=lambda sw: sw[0].value)
-    return {w.stats.worker_id: (round(sc.value, 1), overlap.get(w.stats.worker_id, 0)) for sc, w in best}
+    out = {}
+    for i in best_candidates(costs, LOG_CANDIDATES):
+        wid = live[i].stats.worker_id
+        out[wid] = (round(costs[i], 1), overlap.get(wid, 0))
+    return out

@@ -5,6 +5,7 @@ the best-scored candidates with their scores and cached blocks, and where the pr
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +23,15 @@ def trace_decision(
     cached_tokens: int,
     available_tokens: int,
     overlap: dict[str, int],
-    scored: Sequence[tuple[Any, Any]],  # (Score, WorkerInfo)
+    workers: Sequence[Any],  # WorkerInfo of every candidate
+    costs: Sequence[float],  # their scores, in the same order
     prefill: Any = None,  # disagg.PrefillChoice: where the prompt is prefilled, and why
 ) -> None:
     span = trace.get_current_span()
     if not span.is_recording():
         return
-    best = sorted(scored, key=lambda sw: sw[0].value)[:MAX_CANDIDATES]
-    ids = [w.stats.worker_id for _, w in best]
+    best = best_candidates(costs, MAX_CANDIDATES)
+    ids = [workers[i].stats.worker_id for i in best]
     span.set_attributes(
         {
             tracing.WORKER_ID: worker_id,
@@ -37,9 +39,9 @@ def trace_decision(
             "kvmesh.router.score": float(score),
             tracing.CACHED_TOKENS: cached_tokens,
             "kvmesh.router.available_cached_tokens": available_tokens,
-            "kvmesh.router.num_candidates": len(scored),
+            "kvmesh.router.num_candidates": len(costs),
             "kvmesh.router.candidates": ids,
-            "kvmesh.router.scores": [float(s.value) for s, _ in best],
+            "kvmesh.router.scores": [float(costs[i]) for i in best],
             "kvmesh.router.overlap_blocks": [overlap.get(w, 0) for w in ids],
         }
     )
@@ -47,3 +49,8 @@ def trace_decision(
         span.set_attribute("kvmesh.router.prefill_reason", prefill.reason)
         if prefill.worker is not None:
             span.set_attribute("kvmesh.router.prefill_worker_id", prefill.worker.stats.worker_id)
+
+
+def best_candidates(costs: Sequence[float], k: int) -> list[int]:
+    """Positions of the `k` lowest costs, best first."""
+    return heapq.nsmallest(k, range(len(costs)), key=costs.__getitem__)

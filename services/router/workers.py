@@ -25,11 +25,15 @@ class WorkerInfo:
 class WorkerRegistry:
     def __init__(self) -> None:
         self.workers: dict[str, WorkerInfo] = {}
+        # No worker can expire before this (monotonic): a decision with hundreds of live workers
+        # skips the scan. Beats and forgiveness only push deadlines later, except a new worker's.
+        self._next_expiry = 0.0
 
     def beat(self, hb: Heartbeat, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         wid = hb.stats.worker_id
         self.workers[wid] = WorkerInfo(hb.stats, now, hb.interval_s)
+        self._next_expiry = min(self._next_expiry, now + MISSED_BEATS * hb.interval_s)
 
     def forgive(self, until: float) -> None:
         """Silence up to `until` (monotonic) does not count: the router itself was cut off from NATS,
@@ -40,9 +44,13 @@ class WorkerRegistry:
     def expire(self, now: float | None = None) -> list[str]:
         """Drop workers that stopped beating; returns their ids."""
         now = time.monotonic() if now is None else now
+        if now <= self._next_expiry:
+            return []
         dead = [w for w, i in self.workers.items() if now - i.last_seen > MISSED_BEATS * i.interval_s]
         for w in dead:
             del self.workers[w]
+        deadlines = [i.last_seen + MISSED_BEATS * i.interval_s for i in self.workers.values()]
+        self._next_expiry = min(deadlines, default=now)
         return dead
 
     def live(self, exclude: list[str] | tuple[str, ...] = ()) -> list[WorkerInfo]:
