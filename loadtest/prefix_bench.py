@@ -11,7 +11,8 @@ stack each time (empty caches, empty index):
 Measured per rate step: TTFT p50/p90, completed req/s, prefix hit rate achieved by the workers
 against the oracle (the longest prefix any worker held at decision time, per the index) and the
 ideal (an infinite cache). Then the router's decision latency with 256 workers and 128-block
-prompts, kv-index lookup included. Targets at saturation: TTFT p90 >= 20x better than
+prompts, index lookup included (`--latency-only` re-measures it alone, for each of the router's
+index modes: local replica, Redis, kv-index service). Targets at saturation: TTFT p90 >= 20x better than
 round-robin, hit rate >= 95 % of the oracle.
 
     python -m kvmesh.loadtest.prefix_bench [--configs real-2,sim-64,sim-256] [--quick]
@@ -107,6 +108,7 @@ class SimStack:
         self.cfg, self.scorer, self.log_dir = cfg, scorer, log_dir
         self.router_args = router_args
         self.procs: list[subprocess.Popen] = []
+        self.pids: dict[str, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="prefix-bench-")
         self.metrics_port = 0
 
@@ -150,6 +152,7 @@ class SimStack:
         self.procs.append(
             subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
         )
+        self.pids[name] = self.procs[-1].pid
 
     def __exit__(self, *exc) -> None:
         for p in reversed(self.procs):  # services first (they drain), the infrastructure last
@@ -245,7 +248,7 @@ async def drive(cfg: BenchConfig, scorer: str, trace, nats_url: str, base_url: s
 async def decision_latency(nats_url: str, trace, metrics_port: int, n: int = 400) -> dict:
     """Sequential routing requests with the trace's 128-block prompts against the live router
     (256 workers, a warm index): round trip as the gateway sees it, and the router's own histogram
-    of decision time (kv-index query included) over the whole run. For the breakdown, interleaved
+    of decision time (index lookup included) over these probes. For the breakdown, interleaved
     with them: the kv-index's overlap query alone, and a request answered from memory (a simulated
     worker's stats: the cost of a NATS round trip between two processes on this machine)."""
     from kvmesh.libs.bus import Bus
@@ -262,6 +265,7 @@ async def decision_latency(nats_url: str, trace, metrics_port: int, n: int = 400
     )
 
     bus = await Bus.connect(nats_url, "prefix-bench-latency")
+    before = scrape_decision_buckets(metrics_port)
     rtts: dict[str, list[float]] = {"route": [], "overlap": [], "stats": []}
     blocks = set()
 
@@ -288,6 +292,7 @@ async def decision_latency(nats_url: str, trace, metrics_port: int, n: int = 400
     for kind, values in rtts.items():
         out[f"{kind}_rtt_ms"] = {f"p{q}": round(pct_ms(values, q), 3) for q in (50, 90, 99)}
     out["router_histogram"] = scrape_decision_histogram(metrics_port)
+    out["router_histogram_probes_ms"] = histogram_quantiles_ms(before, scrape_decision_buckets(metrics_port))
     out["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
@@ -310,9 +315,53 @@ def scrape_decision_histogram(port: int) -> dict:
     if not count:
         return {"decisions": 0}
     share = {
-        f"le_{le}s": round(v / count, 5) for le, v in buckets.items() if le in ("0.001", "0.0025", "0.005")
+        f"le_{le}s": round(v / count, 5) for le, v in buckets.items() if le in ("0.001", "0.002", "0.005")
     }
     return {"decisions": int(count), **share}
+
+
+def scrape_decision_buckets(port: int) -> dict[float, float]:
+    """The cumulative buckets of kvmesh:router_decision_seconds now: upper bound (s) -> count."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("kvmesh:router_decision_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_quantiles_ms(before: dict[float, float], after: dict[float, float]) -> dict:
+    """p50/p90/p99 of the decisions observed between two scrapes, interpolated linearly within
+    buckets (as Prometheus' histogram_quantile), and the share of them within 1 and 2 ms."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if not total:
+        return {"decisions": 0}
+    out: dict = {"decisions": int(total)}
+    for q in (50, 90, 99):
+        rank = total * q / 100
+        i = next(k for k, c in enumerate(counts) if c >= rank)
+        lo, below = (bounds[i - 1], counts[i - 1]) if i else (0.0, 0.0)
+        hi = bounds[i] if bounds[i] != float("inf") else lo
+        frac = (rank - below) / (counts[i] - below) if counts[i] > below else 1.0
+        out[f"p{q}"] = round((lo + (hi - lo) * frac) * 1e3, 3)
+    for le in (0.001, 0.002):
+        if le in after:
+            out[f"share_le_{le * 1e3:g}ms"] = round(counts[bounds.index(le)] / total, 4)
+    return out
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds used so far, resident MiB) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    with open(f"/proc/{pid}/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return cpu, rss_kib / 1024
 
 
 def run_config(cfg: BenchConfig, scorers: tuple[str, ...], log_root: Path, probe: bool) -> dict:
@@ -423,7 +472,8 @@ def main() -> None:
     t = time.monotonic()
 
     def save() -> None:  # after every configuration: a late failure keeps the earlier results
-        result["duration_s"] = round(time.monotonic() - t, 1)
+        if not args.latency_only:  # else the runs' own duration stays
+            result["duration_s"] = round(time.monotonic() - t, 1)
         result["configs"] = {k: result["configs"][k] for k in all_cfgs if k in result["configs"]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
@@ -433,19 +483,29 @@ def main() -> None:
         cfg = all_cfgs["sim-256"]
         warm = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, rates=cfg.spec.rates[1:2]))
         previous = json.loads(args.out.read_text())
-        result["configs"] = previous["configs"]
-        result["started_at"] = previous["started_at"]
+        # the runs' own record stays as it was (the timing profile they ran with included)
+        for key in ("configs", "started_at", "timing_profile", "duration_s"):
+            if key in previous:
+                result[key] = previous[key]
         trace = build_trace(warm.spec)
         remeasured = {}
-        for index in ("kv-index", "redis"):  # the router asks the kv-index service, or reads Redis itself
+        # the router asks the kv-index service, reads Redis itself, or keeps its own replica
+        for index in ("kv-index", "redis", "local"):
             log_dir = args.out.parent / "prefix_bench_logs" / f"latency-256-{index}"
             with SimStack(warm, "kv", log_dir, ("--index", index)) as stack:
+                router = stack.pids["router"]
+                cpu0, _ = process_usage(router)
                 asyncio.run(drive(warm, "kv", trace, stack.nats_url, None))  # warm the caches and index
+                cpu1, rss = process_usage(router)
                 latency = asyncio.run(decision_latency(stack.nats_url, trace, stack.metrics_port, n=1000))
+                cpu2, _ = process_usage(router)
+            latency["router_cpu_s"] = {"warm_up": round(cpu1 - cpu0, 2), "probes": round(cpu2 - cpu1, 2)}
+            latency["router_rss_mib"] = round(rss, 1)
             latency["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
             latency["warm_up"] = f"{len(trace)} requests at {warm.spec.rates[0]:g} req/s first"
             remeasured[f"router_index_{index}"] = latency
             print(f"decision latency, router --index {index}: {latency}", flush=True)
+        remeasured["duration_s"] = round(time.monotonic() - t, 1)
         result["configs"]["sim-256"]["decision_latency_remeasured"] = remeasured  # beside the run's own
         names = []
     for name in names:
@@ -455,7 +515,7 @@ def main() -> None:
         save()
     if args.latency_only:
         save()
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['duration_s']:.0f} s")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.monotonic() - t:.0f} s")
 
 
 def _interrupt(signum, frame) -> None:
