@@ -94,6 +94,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # pad each step's shapes up to buckets (step_shapes.py): bounded oneDNN shape caches, flat memory
+    bucket_step_shapes: bool = True
     hash_seed: int | None = None  # None: KVMESH_HASH_SEED or the built-in default
     seed: int = 0
 

@@ -22,6 +22,7 @@ from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob, request_outp
 from kvmesh.libs.engine.request import FinishReason, Request
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams, check_prompt_tokens
 from kvmesh.libs.engine.scheduler import Scheduler
+from kvmesh.libs.engine.step_shapes import StepBuckets
 from kvmesh.libs.engine.transfer_blocks import TransferBlocks
 from kvmesh.schemas.kv_events import KVEvent
 
@@ -56,7 +57,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, bs)
+        buckets = StepBuckets() if config.bucket_step_shapes else StepBuckets.exact()
+        self.runner = ModelRunner(self.model, self.kv_cache, bs, buckets)
         self.hash_seed = hash_seed(config.hash_seed)
         self.extra_keys = encode_extra_keys(self.model_path.name)
         self.requests: dict[str, Request] = {}

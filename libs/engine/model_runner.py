@@ -1,8 +1,9 @@
 """Turns a scheduled step into tensors, runs the model over the flat token batch, samples.
 
 Rows are laid out decodes first (one token each, batched through one attention call), then prefill
-chunks. Only rows that end a request's known tokens produce logits: the vocabulary projection is
-skipped for every other prompt token.
+chunks, then padding rows up to the step's token bucket (step_shapes.py: few distinct shapes keep the
+oneDNN shape caches, and so the worker's memory, bounded). Only rows that end a request's known
+tokens produce logits: the vocabulary projection is skipped for every other prompt token.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from typing import NamedTuple
 
 import torch
 
-from kvmesh.libs.engine.attention import AttentionMetadata, PrefillChunk
+from kvmesh.libs.engine.attention import AttentionMetadata, DecodeGather, PrefillChunk
 from kvmesh.libs.engine.llama import LlamaModel
 from kvmesh.libs.engine.request import Request
 from kvmesh.libs.engine.sampler import Sampler, SampleResult
 from kvmesh.libs.engine.scheduler import SchedulerOutput
+from kvmesh.libs.engine.step_shapes import StepBuckets, bucket
 
 
 class StepResult(NamedTuple):
@@ -24,11 +26,19 @@ class StepResult(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        buckets: StepBuckets | None = None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
+        self.buckets = buckets or StepBuckets()
         self.sampler = Sampler(model.cfg.vocab_size)
+        self.decode_gather = DecodeGather()
 
     def build(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -60,24 +70,39 @@ class ModelRunner:
             if s.samples:
                 logit_rows.append(len(ids) - 1)
 
-        pos = torch.tensor(positions)
-        decode_block_tables = decode_bias = None
+        num_tokens = len(ids)
+        slot_offset = torch.tensor(positions) % bs
+        padding = bucket(num_tokens, self.buckets.tokens) - num_tokens
+        ids.extend([0] * padding)
+        positions.extend([0] * padding)
+        decode_block_tables = decode_bias = decode_k = decode_v = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            pad = torch.arange(width * bs).unsqueeze(0) >= torch.tensor(decode_lens).unsqueeze(1)
-            decode_bias = (
-                torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).view(1, len(decode_lens), 1, -1)
+            seqs = bucket(len(decode_tables), self.buckets.decode_seqs)
+            ctx = bucket(width, self.buckets.decode_blocks) * bs
+            lens = torch.tensor(decode_lens + [ctx] * (seqs - len(decode_lens)))
+            pad = torch.arange(ctx).unsqueeze(0) >= lens.unsqueeze(1)
+            decode_bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).view(1, seqs, 1, ctx)
+            cfg = self.model.cfg
+            decode_k, decode_v = self.decode_gather.buffers(
+                cfg.num_kv_heads, seqs, ctx, cfg.head_dim, self.kv_cache.dtype
             )
         meta = AttentionMetadata(
             slot_block=torch.tensor(slot_block),
-            slot_offset=pos % bs,
+            slot_offset=slot_offset,
             num_decode=len(out.decodes),
             decode_block_tables=decode_block_tables,
             decode_bias=decode_bias,
             prefills=prefills,
+            decode_k=decode_k,
+            decode_v=decode_v,
         )
-        return torch.tensor(ids), pos, meta, logit_rows
+        if logit_rows:  # padding rows of the lm head repeat the first row
+            logit_rows += logit_rows[:1] * (
+                bucket(len(logit_rows), self.buckets.logit_rows) - len(logit_rows)
+            )
+        return torch.tensor(ids), torch.tensor(positions), meta, logit_rows
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -86,6 +111,6 @@ class ModelRunner:
         reqs = [s.request for s in out.decodes] + [s.request for s in out.prefills if s.samples]
         if not reqs:
             return StepResult([], SampleResult([], []))
-        logits = self.model.compute_logits(hidden[logit_rows])
+        logits = self.model.compute_logits(hidden[logit_rows])[: len(reqs)]
         sample = self.sampler(logits, reqs)
         return StepResult(reqs, sample)

@@ -36,19 +36,34 @@ def test_mixed_batch_matches_reference(dtype, heads, kv_heads, head_dim):
         row += n
     width = max(len(t) for t in tables[:2])
     dtables = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables[:2]])
-    lens = torch.tensor([c + n for c, n in seqs[:2]])
-    pad = torch.arange(width * bs)[None] >= lens[:, None]
+    # the decode batch padded to a bucket shape: 2 sequences -> 3, width + 2 blocks, the gather
+    # buffers' padding full of stale (finite) values: the bias alone must hide it
+    seqs_b, ctx_b = 3, (width + 2) * bs
+    lens = torch.tensor([c + n for c, n in seqs[:2]] + [ctx_b])
+    pad = torch.arange(ctx_b)[None] >= lens[:, None]
+    decode_k, decode_v = (
+        torch.randn(kv_heads, seqs_b, ctx_b, head_dim, generator=g).to(dtype) * 100 for _ in range(2)
+    )
+    num_pad_rows = 5  # the step's flat batch is padded too: these rows are neither stored nor attended
     meta = AttentionMetadata(
         slot_block=torch.tensor(slot_block),
         slot_offset=torch.tensor(slot_off),
         num_decode=2,
         decode_block_tables=dtables,
-        decode_bias=torch.zeros(pad.shape).masked_fill(pad, float("-inf")).view(1, 2, 1, -1),
+        decode_bias=torch.zeros(pad.shape).masked_fill(pad, float("-inf")).view(1, seqs_b, 1, -1),
         prefills=prefills,
+        decode_k=decode_k,
+        decode_v=decode_v,
     )
+    q, k_new, v_new = (torch.cat([x, torch.full_like(x[:num_pad_rows], 1e4)]) for x in (q, k_new, v_new))
+    untouched = kv[perm[taken:]].clone()
     write_kv(k_cache, v_cache, k_new, v_new, meta)
+    assert torch.equal(kv[perm[taken:]], untouched), "padding rows were written to the cache"
     scale = head_dim**-0.5
     ours = paged_attention_torch(q, k_new, v_new, k_cache, v_cache, meta, scale)
+    assert torch.all(ours[total:] == 0)
+    ours = ours[:total]
+    q = q[:total]
 
     full_width = max(len(t) for t in tables)
     block_tables = torch.stack([torch.nn.functional.pad(t, (0, full_width - len(t))) for t in tables]).int()
