@@ -6,14 +6,21 @@ context is gathered into reused buffers (DecodeGather) whose padding is never co
 Prefill chunks run one SDPA call each: a chunk that starts at position 0 attends to its own fresh K/V
 (causal), a chunk over a cached prefix gathers the prefix from the cache and uses an offset causal
 mask. On GPUs the same metadata feeds the Triton kernel in kvmesh.kernels.paged_attention.
+
+Where the C++ CPU kernel (kvmesh.kernels.paged_attention_cpu) is built, decode rows skip the gather
+and the matmuls: one kernel call per layer reads every decode sequence's blocks in place
+(`AttentionMetadata.decode_kernel`). It creates no oneDNN primitives, so its shapes need no buckets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from kvmesh.kernels.paged_attention_cpu import paged_attention_cpu
 
 
 @dataclass(slots=True)
@@ -24,6 +31,14 @@ class PrefillChunk:
     length: int  # number of new tokens
     context_len: int  # tokens already in the cache before this chunk
     block_table: torch.Tensor  # int64 [num_blocks_needed] covering context_len + length
+
+
+class DecodeKernelArgs(NamedTuple):
+    """The CPU kernel's view of the step's decode rows (int32, built once per step)."""
+
+    block_tables: torch.Tensor  # [num_decode, max_blocks]
+    query_start_loc: torch.Tensor  # [num_decode + 1]: 0, 1, 2, ... (one query token each)
+    seq_lens: torch.Tensor  # [num_decode]: context length including the new token
 
 
 @dataclass(slots=True)
@@ -42,6 +57,8 @@ class AttentionMetadata:
     # Everything outside the gathered corner is stale but finite K/V, masked by decode_bias.
     decode_k: torch.Tensor | None = None
     decode_v: torch.Tensor | None = None
+    # set when decode rows go through the CPU kernel (then decode_bias/decode_k/decode_v are None)
+    decode_kernel: DecodeKernelArgs | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -122,7 +139,11 @@ def paged_attention_torch(
     out = torch.empty_like(q)
     out[meta.num_tokens :] = 0  # padding rows: finite, ignored
     nd = meta.num_decode
-    if nd:
+    if nd and meta.decode_kernel is not None:
+        a = meta.decode_kernel
+        kt, vt = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # the kernel's [blocks, slot, kvh, d]
+        paged_attention_cpu(q[:nd], kt, vt, a.block_tables, a.query_start_loc, a.seq_lens, scale, out[:nd])
+    elif nd:
         # Batched over (kv head, sequence) with plain matmuls: for one query token per sequence this
         # measured 2x faster than SDPA's CPU flash kernel. The `group` query heads that share a kv
         # head are `group` rows of one matmul (GQA without repeating K/V). Shapes are the bucket's

@@ -58,7 +58,7 @@ class LLMEngine:
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
         buckets = StepBuckets() if config.bucket_step_shapes else StepBuckets.exact()
-        self.runner = ModelRunner(self.model, self.kv_cache, bs, buckets)
+        self.runner = ModelRunner(self.model, self.kv_cache, bs, buckets, config.cpu_attention_kernel)
         self.hash_seed = hash_seed(config.hash_seed)
         self.extra_keys = encode_extra_keys(self.model_path.name)
         self.requests: dict[str, Request] = {}

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from kvmesh.libs.engine.attention import AttentionMetadata, DecodeGather, PrefillChunk
+from kvmesh.kernels import paged_attention_cpu as cpu_kernel
+from kvmesh.libs.engine.attention import AttentionMetadata, DecodeGather, DecodeKernelArgs, PrefillChunk
 from kvmesh.libs.engine.llama import LlamaModel
 from kvmesh.libs.engine.request import Request
 from kvmesh.libs.engine.sampler import Sampler, SampleResult
@@ -32,6 +33,7 @@ class ModelRunner:
         kv_cache: torch.Tensor,
         block_size: int,
         buckets: StepBuckets | None = None,
+        cpu_attention_kernel: bool = True,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -39,6 +41,10 @@ class ModelRunner:
         self.buckets = buckets or StepBuckets()
         self.sampler = Sampler(model.cfg.vocab_size)
         self.decode_gather = DecodeGather()
+        # decode attention through the C++ kernel where it builds (attention.py), else the torch path
+        self.decode_kernel = (
+            cpu_attention_kernel and kv_cache.device.type == "cpu" and cpu_kernel.load() is not None
+        )
 
     def build(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -75,8 +81,15 @@ class ModelRunner:
         padding = bucket(num_tokens, self.buckets.tokens) - num_tokens
         ids.extend([0] * padding)
         positions.extend([0] * padding)
-        decode_block_tables = decode_bias = decode_k = decode_v = None
-        if decode_tables:
+        decode_block_tables = decode_bias = decode_k = decode_v = decode_kernel = None
+        if decode_tables and self.decode_kernel:
+            width = max(len(t) for t in decode_tables)
+            decode_kernel = DecodeKernelArgs(
+                torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32),
+                torch.arange(len(decode_tables) + 1, dtype=torch.int32),
+                torch.tensor(decode_lens, dtype=torch.int32),
+            )
+        elif decode_tables:
             width = max(len(t) for t in decode_tables)
             decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
             seqs = bucket(len(decode_tables), self.buckets.decode_seqs)
@@ -97,6 +110,7 @@ class ModelRunner:
             prefills=prefills,
             decode_k=decode_k,
             decode_v=decode_v,
+            decode_kernel=decode_kernel,
         )
         if logit_rows:  # padding rows of the lm head repeat the first row
             logit_rows += logit_rows[:1] * (

@@ -48,15 +48,21 @@ def mixed_step(default_model_path):
     return engine, sched
 
 
-def run_step(engine: LLMEngine, sched, buckets: StepBuckets) -> tuple[torch.Tensor, tuple]:
+def run_step(
+    engine: LLMEngine, sched, buckets: StepBuckets, kernel: bool = False
+) -> tuple[torch.Tensor, tuple]:
     """The step's logits (real rows only) and its shapes: token rows, decode sequences, decode
-    context, lm head rows. Rerunning a step rewrites the same cache slots: the cache is unchanged."""
-    runner = ModelRunner(engine.model, engine.kv_cache, engine.config.block_size, buckets)
+    context (the torch path's; None through the CPU kernel), lm head rows. Rerunning a step rewrites
+    the same cache slots: the cache is unchanged."""
+    runner = ModelRunner(engine.model, engine.kv_cache, engine.config.block_size, buckets, kernel)
+    assert runner.decode_kernel == kernel, "the CPU kernel is part of the install: it must build"
     ids, pos, meta, rows = runner.build(sched)
     with torch.inference_mode():
         hidden = engine.model.forward(ids, pos, engine.kv_cache, meta)
         logits = engine.model.compute_logits(hidden[rows])[:11]
-    return logits, (ids.shape[0], meta.decode_bias.shape[1], meta.decode_bias.shape[3], len(rows))
+    bias = meta.decode_bias
+    decode = (bias.shape[1], bias.shape[3]) if bias is not None else (None, None)
+    return logits, (ids.shape[0], *decode, len(rows))
 
 
 @pytest.mark.parametrize(
@@ -72,5 +78,17 @@ def test_padded_step_gives_the_unpadded_logits(mixed_step, buckets, padded):
     got, padded_shape = run_step(engine, sched, buckets)
     assert exact_shape == (43, 9, 9 * 16, 11)
     assert padded_shape == padded
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_the_cpu_kernel_step_gives_the_torch_paths_logits(mixed_step):
+    """The same mixed step with its 9 decode rows through the C++ kernel (reading the blocks in
+    place) and through the exact torch path (gather + matmuls): the same logits within float32 noise,
+    the same greedy tokens."""
+    engine, sched = mixed_step
+    want, _ = run_step(engine, sched, StepBuckets.exact())
+    got, shape = run_step(engine, sched, StepBuckets(), kernel=True)
+    assert shape == (44, None, None, 12)  # token rows and lm head rows still bucketed
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
