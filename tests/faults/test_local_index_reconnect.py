@@ -37,6 +37,15 @@ async def test_the_local_index_follows_the_stream_again_after_a_nats_restart(inf
     bus = await Bus.connect(infra.nats_url, "router")
     pub_bus = await Bus.connect(infra.nats_url, wid)
     local = router.local_index
+
+    async def beating() -> None:
+        # As the router hears a live worker's heartbeats: this test is about following the stream,
+        # and a publisher slow to reconnect on a loaded machine must not count as a dead worker.
+        while True:
+            local.beat(wid, 1.0)
+            await asyncio.sleep(0.2)
+
+    beats = asyncio.create_task(beating())
     try:
         await router.attach(bus)
         pub = KVEventPublisher(pub_bus, wid, list)
@@ -64,6 +73,7 @@ async def test_the_local_index_follows_the_stream_again_after_a_nats_restart(inf
         assert local.applied_seq > applied and local.feed.resyncs == 0
         assert await router.check_index()
     finally:
+        beats.cancel()
         await router.close()
         await bus.close()
         await pub_bus.close()
