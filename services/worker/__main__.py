@@ -10,6 +10,7 @@ import socket
 import uuid
 
 from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
+from kvmesh.libs.shape_caches import bound_shape_caches
 from kvmesh.libs.threads import configure_threads
 
 
@@ -54,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     setup_logging(f"worker[{worker_id}]", args.log_level)
+    bound_shape_caches()  # before torch loads (configure_threads imports it)
     configure_threads(args.threads or None)
     from kvmesh.libs.bus import Bus
     from kvmesh.libs.engine.async_engine import AsyncLLM
