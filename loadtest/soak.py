@@ -13,7 +13,7 @@ at `--overload` x the calibrated requests/s; a quarter of the way in SIGKILL wor
 later under the same id) -> drain and check. Result: loadtest/results/soak.json.
 
     python -m kvmesh.loadtest.soak                     # 40 s calibration + 300 s at 2x -> soak.json
-    python -m kvmesh.loadtest.soak --engine-cache-capacity 0 --out loadtest/results/soak_default_caches.json
+    python -m kvmesh.loadtest.soak --engine-cache-capacity 1024 --out results/soak_default_caches.json
 """
 
 from __future__ import annotations
@@ -63,11 +63,10 @@ class SoakConfig:
     worker_max_num_seqs: int = 16
     sample_every_s: float = 5.0
     seed: int = 0
-    # oneDNN's primitive cache and PyTorch/ideep's LRU cache hold one entry per distinct shape (1024
-    # each by default), and a worker meets hundreds of shapes (every token count of a step): with the
-    # defaults (0 here) its RSS climbs for many minutes (~+500 MiB) before they are full. 128 each
-    # keeps it flat after a short warm-up (soak_default_caches.json is the comparison run).
-    engine_cache_capacity: int = 128
+    # ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY for the services; 0: not set, the services'
+    # own defaults (the worker pads its steps to few shapes and bounds both caches itself,
+    # libs/shape_caches.py). 1024 is the libraries' own size.
+    engine_cache_capacity: int = 0
 
 
 @dataclass
@@ -462,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "--engine-cache-capacity",
         type=int,
         default=SoakConfig.engine_cache_capacity,
-        help="ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY of the services (0: 1024 each)",
+        help="ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY of the services (0: their own defaults)",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     p.add_argument("--rejudge", type=Path, help="recompute a stored result's memory report and verdict")
