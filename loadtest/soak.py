@@ -13,7 +13,8 @@ at `--overload` x the calibrated requests/s; a quarter of the way in SIGKILL wor
 later under the same id) -> drain and check. Result: loadtest/results/soak.json.
 
     python -m kvmesh.loadtest.soak                     # 40 s calibration + 300 s at 2x -> soak.json
-    python -m kvmesh.loadtest.soak --engine-cache-capacity 1024 --out results/soak_default_caches.json
+    python -m kvmesh.loadtest.soak --engine-cache-capacity 1024 \
+        --out loadtest/results/soak_default_caches.json   # the libraries' cache sizes
 """
 
 from __future__ import annotations
