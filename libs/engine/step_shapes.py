@@ -14,8 +14,9 @@ A bucket keeps `bits` significant bits below the leading one: with bits=3 every 
 exact, then 16, 18, .., 32, 36, .. (padding < 1/8, ~1/16 on average); bits=2 gives 1..8, 10, 12, 14,
 16, 20, ... Padding costs compute: the token rows pad every linear, the decode batch and context pad
 the attention matmuls and softmax (not the gather: attention.DecodeGather copies no padding). With
-these defaults the padding added 0.7-3 % rows and 2.5-15 % decode attention area on the engine's
-benchmark workloads, 1-2 % of throughput (loadtest/step_shapes_bench.py).
+these defaults the padding added 0.7-3 % rows and 7-15 % decode attention area on the engine's
+benchmark workloads, 1-5 % of throughput on the torch decode path, within the noise with the C++
+decode kernel (which needs no decode buckets; loadtest/step_shapes_bench.py).
 """
 
 from __future__ import annotations
