@@ -26,7 +26,7 @@ import random
 import time
 from pathlib import Path
 
-from kvmesh.libs.shape_caches import bound_shape_caches
+from kvmesh.libs.shape_caches import engine_allocator_env
 from kvmesh.libs.threads import configure_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.load_start = list(os.getloadavg())
     if not args.library_cache_sizes:
-        bound_shape_caches()  # as the worker does, before torch loads
+        engine_allocator_env()  # as the worker does, before torch loads
     configure_threads(args.threads)
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

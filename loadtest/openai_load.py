@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -23,6 +24,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -299,6 +301,20 @@ def _carries_text(event: dict[str, Any], chat: bool) -> bool:
     return bool(choices[0].get("text"))
 
 
+@contextlib.asynccontextmanager
+async def open_runner(config: LoadConfig, progress: _Progress | None = None) -> AsyncIterator[_Runner]:
+    """One keep-alive HTTP client to `config.base_url`: `(await runner.send(request))` times one prepared
+    request. run_load drives it; benchmarks that interleave servers request by request use it directly."""
+    path = "chat/completions" if config.endpoint == "chat" else "completions"
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    timeout = httpx.Timeout(config.timeout, pool=None)
+    # Open loop means no client-side cap on connections. trust_env=False: no proxy between us and the server.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, trust_env=False) as client:
+        url = f"{config.base_url.rstrip('/')}/{path}"
+        yield _Runner(client, url, config.endpoint == "chat", progress or _Progress(total=0))
+
+
 async def run_load(config: LoadConfig) -> LoadResult:
     """Warm up, then send `config.num_requests` requests (or until `max_seconds`) and measure them."""
     rng = random.Random(config.seed)
@@ -309,14 +325,8 @@ async def run_load(config: LoadConfig) -> LoadResult:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     requests = build_requests(config, rng, tokenizer)
     warmups, measured = requests[: config.warmup], requests[config.warmup :]
-    path = "chat/completions" if config.endpoint == "chat" else "completions"
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    timeout = httpx.Timeout(config.timeout, pool=None)
-    # Open loop means no client-side cap on connections. trust_env=False: no proxy between us and the server.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     progress = _Progress(total=len(measured))
-    async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, trust_env=False) as client:
-        runner = _Runner(client, f"{config.base_url.rstrip('/')}/{path}", config.endpoint == "chat", progress)
+    async with open_runner(config, progress) as runner:
         warmup_errors = [r.error for r in [await runner.send(w) for w in warmups] if r.error]
         progress.done = progress.errors = progress.tokens = 0
         started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -10,7 +10,7 @@ import socket
 import uuid
 
 from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
-from kvmesh.libs.shape_caches import bound_shape_caches
+from kvmesh.libs.shape_caches import engine_allocator_env
 from kvmesh.libs.threads import configure_threads
 
 
@@ -30,6 +30,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=env_default("KVMESH_THREADS", 0))
     parser.add_argument("--drain-timeout", type=float, default=env_default("KVMESH_DRAIN_TIMEOUT_S", 30.0))
     parser.add_argument("--heartbeat-interval", type=float, default=env_default("KVMESH_HEARTBEAT_S", 1.0))
+    parser.add_argument(
+        "--kv-events-interval",
+        type=float,
+        default=env_default("KVMESH_KV_EVENTS_INTERVAL_S", 0.05),
+        help="seconds between two batches of KV cache events (index freshness vs wake-ups of the indexes)",
+    )
     parser.add_argument(
         "--max-waiting",
         type=int,
@@ -55,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     setup_logging(f"worker[{worker_id}]", args.log_level)
-    bound_shape_caches()  # before torch loads (configure_threads imports it)
+    engine_allocator_env()  # before torch loads (configure_threads imports it)
     configure_threads(args.threads or None)
     from kvmesh.libs.bus import Bus
     from kvmesh.libs.engine.async_engine import AsyncLLM
@@ -100,7 +106,7 @@ def main() -> None:
         service = WorkerService(config, llm, agent, disagg)
         bus = await Bus.connect(config.nats_url, f"worker-{worker_id}")
         await service.attach(bus)
-        events = KVEventPublisher(bus, worker_id, llm.take_kv_events)
+        events = KVEventPublisher(bus, worker_id, llm.take_kv_events, args.kv_events_interval)
         await events.start()
         if metrics is not None:
             metrics.attached(bus)
