@@ -251,11 +251,18 @@ class Bus:
         finally:
             await _quiet_unsubscribe(sub)
 
-    async def subscribe_queue(self, subject: str) -> tuple[Subscription, asyncio.Queue[Msg]]:
-        """A raw subscription feeding a queue (for token streams the caller decodes itself)."""
+    async def subscribe_queue(
+        self, subject: str, confirm: bool = True
+    ) -> tuple[Subscription, asyncio.Queue[Msg]]:
+        """A raw subscription feeding a queue (for token streams the caller decodes itself).
+
+        `confirm` waits for the server to have it (a PING round trip). Not needed when what will be
+        published there answers a message this connection sends afterwards: a NATS server handles one
+        connection's commands in order, so it registers the SUB before it routes that message."""
         q: asyncio.Queue[Msg] = asyncio.Queue()
         sub = await self.nc.subscribe(subject, cb=q.put)
-        await self.nc.flush()
+        if confirm:
+            await self.nc.flush()
         return sub, q
 
     async def close(self) -> None:

@@ -93,7 +93,8 @@ class Dispatcher:
             gen_req = msgspec.structs.replace(gen_req, prefill_worker_id=route.prefill_worker_id)
             if n:
                 gen_req = msgspec.structs.replace(gen_req, stream_subject=f"{base_subject}.{n}")
-            sub, queue = await self.bus.subscribe_queue(gen_req.stream_subject)
+            # unconfirmed: the worker streams only once it has our generate request, sent after the SUB
+            sub, queue = await self.bus.subscribe_queue(gen_req.stream_subject, confirm=False)
             try:
                 reply = await self._submit(worker_id, gen_req)
             except (NoResponders, BusTimeout) as exc:
