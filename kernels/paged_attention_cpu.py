@@ -1,5 +1,6 @@
 """Paged attention for CPUs as a C++ extension: the Triton kernel's contract (paged_attention.py),
-built with the machine's compiler on first use.
+built with the machine's compiler on first use. The extension also carries the engine's RMSNorm
+(`rms_norm_cpu`: one pass per row instead of torch's several ops).
 
 The engine's torch path gathers every decode sequence's K/V blocks into a contiguous copy, then runs
 a dozen small ops per layer; this kernel reads the blocks in place, one call per layer, with the
@@ -87,3 +88,12 @@ def paged_attention_cpu(
         out = torch.empty_like(q)
     module.paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out)
     return out
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, as `F.rms_norm(x, (x.shape[-1],), weight, eps)`; torch's op
+    where the extension is not built or the tensors do not suit it (not contiguous, mixed dtypes)."""
+    module = load()
+    if module is None or not (x.is_contiguous() and weight.is_contiguous()) or x.dtype != weight.dtype:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    return module.rms_norm(x, weight, eps)

@@ -137,6 +137,46 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   });
 }
 
+// RMSNorm over the last dimension of contiguous rows: out = x / sqrt(mean(x^2) + eps) * weight, in
+// fp32 and rounded once, as torch's own. torch's CPU rms_norm runs several passes and ops (13.6 us
+// for one 576-wide bf16 row here, 74.5 us for 300 rows); this loop takes 1.1 / 30.9 us. The engine
+// calls it twice per layer and step.
+template <typename scalar_t>
+void rms_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows, int64_t n,
+              float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> wf(n);
+    for (int64_t d = 0; d < n; ++d) wf[d] = static_cast<float>(w[d]);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * n;
+      float sum = 0.f;
+      for (int64_t d = 0; d < n; ++d) {
+        const float v = static_cast<float>(xr[d]);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+      scalar_t* o = out + r * n;
+      for (int64_t d = 0; d < n; ++d) o[d] = static_cast<scalar_t>(static_cast<float>(xr[d]) * inv * wf[d]);
+    }
+  });
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: contiguous tensors only");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == n, "rms_norm: weight must be [x.size(-1)]");
+  auto out = torch::empty_like(x);
+  const int64_t rows = n ? x.numel() / n : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                       rows, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block tables (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension of contiguous rows (CPU)");
 }

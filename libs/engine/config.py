@@ -96,7 +96,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # pad each step's shapes up to buckets (step_shapes.py): bounded oneDNN shape caches, flat memory
     bucket_step_shapes: bool = True
-    # decode attention through the C++ CPU kernel (kernels/paged_attention_cpu.py) where it builds
+    # decode attention and the RMSNorms through the C++ CPU kernels (kernels/paged_attention_cpu.py)
+    # where they build
     cpu_attention_kernel: bool = True
     hash_seed: int | None = None  # None: KVMESH_HASH_SEED or the built-in default
     seed: int = 0

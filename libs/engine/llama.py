@@ -9,6 +9,7 @@ fused into the output projections (oneDNN binary post-op).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 class LlamaModel:
     """Weights plus a `forward` over a flat batch of new tokens and a `compute_logits` head."""
 
@@ -123,6 +128,9 @@ class LlamaModel:
         self.cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype)
         self.sin_signed = torch.cat([-freqs.sin(), freqs.sin()], -1).to(dtype)
         self.scale = cfg.head_dim**-0.5
+        # The hidden-size RMSNorms (twice per layer, and the final one). ModelRunner swaps in the C++
+        # CPU kernel (kernels/paged_attention_cpu.py) where it is built and enabled.
+        self.rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = torch_rms_norm
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype) -> LlamaModel:
@@ -151,7 +159,7 @@ class LlamaModel:
         sin = self.sin_signed[positions].unsqueeze(1)
         h = self.embed[input_ids]
         for i, lw in enumerate(self.layers):
-            x = F.rms_norm(h, (cfg.hidden_size,), lw.input_norm, eps)
+            x = self.rms_norm(h, lw.input_norm, eps)
             qkv = lw.qkv(x)
             qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)
             v = qkv[:, (nh + nkv) * d :].view(n, nkv, d)
@@ -169,12 +177,12 @@ class LlamaModel:
             write_kv(k_cache, v_cache, k, v, meta)
             attn = paged_attention_torch(q, k, v, k_cache, v_cache, meta, self.scale)
             h = lw.o_proj.add(attn.view(n, nh * d), h)
-            x = F.rms_norm(h, (cfg.hidden_size,), lw.post_norm, eps)
+            x = self.rms_norm(h, lw.post_norm, eps)
             gate, up = lw.gate_up(x).chunk(2, -1)
             h = lw.down.add(F.silu(gate) * up, h)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [rows, vocab] for the given hidden rows."""
-        x = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)
+        x = self.rms_norm(hidden.contiguous(), self.norm, self.cfg.rms_norm_eps)
         return self.lm_head(x).float()

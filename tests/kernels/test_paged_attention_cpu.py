@@ -1,12 +1,13 @@
 """The C++ CPU paged-attention kernel against the pure-torch reference, on the same poisoned random
 paged batches as the Triton kernel (test_paged_attention.py): anything read outside a sequence's
-live positions is NaN and fails the comparison."""
+live positions is NaN and fails the comparison. The extension's RMSNorm against torch's."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_paged_attention import BATCHES, HEADS, TOLERANCES, assert_matches_reference, make_batch
 
-from kvmesh.kernels.paged_attention_cpu import load, paged_attention_cpu
+from kvmesh.kernels.paged_attention_cpu import load, paged_attention_cpu, rms_norm_cpu
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,3 +63,23 @@ def test_rejects_a_block_table_too_short_for_its_sequence():
     short = batch._replace(block_tables=batch.block_tables[:, :2].contiguous())  # 41 tokens need 3
     with pytest.raises(RuntimeError, match="block table too short"):
         paged_attention_cpu(*short)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_norm_matches_torch(dtype, rows):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 576, dtype=dtype) * 3
+    w = torch.randn(576, dtype=dtype)
+    ref = F.rms_norm(x.float(), (576,), w.float(), 1e-5)
+    got = rms_norm_cpu(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    # one rounding to the output dtype, as torch's op: no larger error than torch's own
+    torch_err = (F.rms_norm(x, (576,), w, 1e-5).float() - ref).abs().max().item()
+    assert (got.float() - ref).abs().max().item() <= max(torch_err, 1e-5) * 1.01
+
+
+def test_rms_norm_falls_back_on_strided_input():
+    x = torch.randn(8, 2 * 576)[:, ::2]  # not contiguous
+    w = torch.randn(576)
+    torch.testing.assert_close(rms_norm_cpu(x, w, 1e-6), F.rms_norm(x, (576,), w, 1e-6))
