@@ -6,7 +6,7 @@ loadtest/soak.py judges a worker (flat: the last quarter's median at most max(8 
 third quarter's, after the warm-up).
 
 It runs the engine as the worker does: steps padded to few shapes (libs/engine/step_shapes.py) and
-oneDNN's / ideep's shape caches bounded (libs/shape_caches.py, unless the environment sets them).
+oneDNN's / ideep's shape caches bounded (libs/allocator_env.py, unless the environment sets them).
 `--buckets none --library-cache-sizes --no-cpu-kernel` runs it as it was before either (and before
 decode attention moved to the C++ kernel, which creates no oneDNN primitives). Besides RSS it counts the
 distinct shapes the model met (token rows, decode batch x context, lm-head rows, prefill chunks) and
@@ -26,7 +26,7 @@ import random
 import time
 from pathlib import Path
 
-from kvmesh.libs.shape_caches import engine_allocator_env
+from kvmesh.libs.allocator_env import engine_allocator_env
 from kvmesh.libs.threads import configure_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,19 +27,20 @@ import asyncio
 import json
 import os
 import random
-import re
 import statistics
 import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-from kvmesh.libs.shape_caches import engine_allocator_env
+from kvmesh.libs.allocator_env import engine_allocator_env
 from kvmesh.libs.threads import configure_threads
 from kvmesh.loadtest.load_report import pct_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("engine", "mesh")
+SAMPLES = ("ttft", "itl", "prefill")  # per c1 request: seconds, its gaps, the engine's prefill step
 
 
 async def engine_one(llm, tokenizer, p, tag: str) -> dict:
@@ -102,11 +103,11 @@ def mesh_samples(load) -> dict:
 
 def prefill_seconds_total(metrics_url: str) -> float:
     """The worker's summed prefill time (scheduled -> first token) from its Prometheus histogram."""
-    text = httpx.get(metrics_url, timeout=10).text
-    match = re.search(r"^vllm:request_prefill_time_seconds_sum(?:\{[^}]*\})? (\S+)$", text, re.M)
-    if match is None:
-        raise RuntimeError(f"no prefill histogram at {metrics_url}")
-    return float(match.group(1))
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "vllm:request_prefill_time_seconds_sum":
+                return sample.value
+    raise RuntimeError(f"no prefill histogram at {metrics_url}")
 
 
 async def c1_round(llm, tokenizer, runner, prepared, metrics_url: str, tag: str) -> dict:
@@ -118,7 +119,7 @@ async def c1_round(llm, tokenizer, runner, prepared, metrics_url: str, tag: str)
     pairs = []
     for k, p in enumerate(q for q in prepared if q.index >= 0):
         out: dict[str, dict] = {}
-        for target in ("engine", "mesh") if k % 2 == 0 else ("mesh", "engine"):
+        for target in TARGETS if k % 2 == 0 else TARGETS[::-1]:
             if target == "engine":
                 out["engine"] = await engine_one(llm, tokenizer, p, tag)
             else:
@@ -130,15 +131,13 @@ async def c1_round(llm, tokenizer, runner, prepared, metrics_url: str, tag: str)
                     raise RuntimeError(f"mesh request failed: {rec.error}")
                 out["mesh"] = {"ttft": rec.ttft, "itl": rec.itl, "prefill": after - before}
         pairs.append(out)
-    return {t: {k: [p[t][k] for p in pairs] for k in ("ttft", "itl", "prefill")} for t in ("engine", "mesh")}
+    return {t: {k: [p[t][k] for p in pairs] for k in SAMPLES} for t in TARGETS}
 
 
 def c1_summary(rounds: list[dict]) -> dict:
     """Pooled percentiles over the interleaved samples, paired differences, and the TTFT split."""
     out: dict = {}
-    pooled = {
-        t: {k: [x for r in rounds for x in r[t][k]] for k in ("ttft", "itl", "prefill")} for t in TARGETS
-    }
+    pooled = {t: {k: [x for r in rounds for x in r[t][k]] for k in SAMPLES} for t in TARGETS}
     for t in TARGETS:
         ttft, itl, prefill = (
             pooled[t]["ttft"],

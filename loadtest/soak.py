@@ -66,7 +66,7 @@ class SoakConfig:
     seed: int = 0
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY for the services; 0: not set, the services'
     # own defaults (the worker pads its steps to few shapes and bounds both caches itself,
-    # libs/shape_caches.py). 1024 is the libraries' own size.
+    # libs/allocator_env.py). 1024 is the libraries' own size.
     engine_cache_capacity: int = 0
 
 

@@ -2,7 +2,7 @@
 
 On CPUs every distinct shape of a oneDNN op (the bf16 linears, the lm head, the batched decode
 attention matmuls) creates primitives that oneDNN's and PyTorch/ideep's caches keep (1024 entries
-each by default; libs/shape_caches.py bounds them in the worker). Measured here: 2.3 MiB per token
+each by default; libs/allocator_env.py bounds them in the worker). Measured here: 2.3 MiB per token
 count across a layer's four linears, 0.65 MiB per lm-head row count, 1.3 MiB per decode (batch,
 context) pair. Unbucketed, a worker meets a new shape almost every step (token counts 1..budget,
 context widths 1..max blocks) and its RSS climbed by ~200 MiB/min under varied batches. Rounding each

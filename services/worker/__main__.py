@@ -9,8 +9,8 @@ import os
 import socket
 import uuid
 
+from kvmesh.libs.allocator_env import engine_allocator_env
 from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
-from kvmesh.libs.shape_caches import engine_allocator_env
 from kvmesh.libs.threads import configure_threads
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.libs.shape_caches import CACHE_VARIABLES, HUGE_PAGES_VARIABLE, engine_allocator_env
+from kvmesh.libs.allocator_env import CACHE_VARIABLES, HUGE_PAGES_VARIABLE, engine_allocator_env
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -29,7 +29,7 @@ def test_defaults_are_set_and_user_values_kept(monkeypatch):
 # A fresh process (the variable is read when torch's allocator first runs): allocates and touches
 # 64 MiB through torch and prints how much of its anonymous memory is backed by huge pages.
 PROBE = """
-from kvmesh.libs.shape_caches import engine_allocator_env
+from kvmesh.libs.allocator_env import engine_allocator_env
 engine_allocator_env()
 import torch
 t = torch.ones(64 << 20, dtype=torch.uint8)
