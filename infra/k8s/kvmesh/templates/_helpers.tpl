@@ -34,26 +34,19 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ kebabcase .name }}
 {{- end -}}
 
-{{/* The name an upstream subchart gives its resources (its default fullname). */}}
-{{- define "kvmesh.subchartFullname" -}}
-{{- if contains .chart .root.Release.Name -}}
-{{- .root.Release.Name | trunc 63 | trimSuffix "-" -}}
-{{- else -}}
-{{- printf "%s-%s" .root.Release.Name .chart | trunc 63 | trimSuffix "-" -}}
-{{- end -}}
-{{- end -}}
-
+{{/* NATS: the bundled server's Service (templates/nats.yaml) or externalNats.url. */}}
 {{- define "kvmesh.natsUrl" -}}
 {{- if .Values.nats.enabled -}}
-nats://{{ include "kvmesh.subchartFullname" (dict "root" . "chart" "nats") }}:4222
+nats://{{ include "kvmesh.componentName" (dict "root" . "name" "nats") }}:4222
 {{- else -}}
 {{- required "externalNats.url is required when nats.enabled=false" .Values.externalNats.url -}}
 {{- end -}}
 {{- end -}}
 
+{{/* Redis: the bundled server's Service (templates/redis.yaml) or externalRedis.url. */}}
 {{- define "kvmesh.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-redis://{{ include "kvmesh.subchartFullname" (dict "root" . "chart" "redis") }}-master:6379
+redis://{{ include "kvmesh.componentName" (dict "root" . "name" "redis") }}:6379
 {{- else -}}
 {{- required "externalRedis.url is required when redis.enabled=false" .Values.externalRedis.url -}}
 {{- end -}}
