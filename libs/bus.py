@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -102,7 +103,9 @@ class Bus:
     ) -> Bus:
         """Connect and keep reconnecting forever. `auth`: user/password, token, credentials file and
         TLS (default: from KVMESH_NATS_* in the environment, see libs/credentials.py). Credentials the
-        server refuses on the first connection raise BusError at once (nats-py would retry forever)."""
+        server refuses on the first connection raise BusError at once (nats-py would retry forever), and
+        so does a server certificate that fails TLS verification (the BusError's __cause__ is the
+        ssl.SSLCertVerificationError): no retry can make an untrusted server trusted."""
         auth = NatsAuth.from_env() if auth is None else auth
         refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
@@ -115,7 +118,8 @@ class Bus:
 
         async def on_error(exc: Exception) -> None:
             log.warning("%s: NATS error: %r", name, exc)
-            if "authorization violation" in str(exc).lower() and not refused.done():
+            refusal = "authorization violation" in str(exc).lower()
+            if (refusal or isinstance(exc, ssl.SSLCertVerificationError)) and not refused.done():
                 refused.set_result(exc)
 
         connecting = asyncio.ensure_future(
@@ -136,7 +140,11 @@ class Bus:
             connecting.cancel()
             with contextlib.suppress(BaseException):
                 await connecting
-            raise BusError(f"{name}: NATS refused the credentials: {refused.result()}")
+            exc = refused.result()
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                what = f"{name}: the NATS server's TLS certificate failed verification: {exc.verify_message}"
+                raise BusError(what) from exc
+            raise BusError(f"{name}: NATS refused the credentials: {exc}")
         bus = cls(connecting.result(), name)
         return bus
 
