@@ -83,6 +83,9 @@ class WorkerService:
         self.remote: RemotePrefill | None = None
         self._remote_phase: set[str] = set()  # requests still getting their prompt blocks remotely
         self._stop = asyncio.Event()
+        # Set by drain() once the generate subscription is gone: from then on new requests find no
+        # responder here (after this connection's next round trip to the server).
+        self.refusing_new = asyncio.Event()
         engine = llm.engine
         block_size = engine.config.block_size if engine is not None else 16
         self.telemetry = WorkerTelemetry(config.model, config.worker_id, block_size)
@@ -286,6 +289,7 @@ class WorkerService:
         if self._generate_sub is not None:
             await self._generate_sub.unsubscribe()
             self._generate_sub = None
+        self.refusing_new.set()
         pumps = list(self._pumps.values())
         if pumps:
             _, pending = await asyncio.wait(pumps, timeout=timeout_s)

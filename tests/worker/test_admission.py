@@ -3,22 +3,27 @@ another worker or answers 429), except for a migrated request, which the mesh ha
 Its status subject tells whether it still holds a request (request migration's liveness probe).
 Real NATS, tiny model."""
 
+import asyncio
+
 import msgspec
 
-from kvmesh.libs.bus import Bus
+from kvmesh.libs.bus import Bus, decode
 from kvmesh.libs.engine.async_engine import AsyncLLM
 from kvmesh.libs.engine.config import EngineConfig
 from kvmesh.libs.engine.engine import LLMEngine
 from kvmesh.schemas.messages import (
     AbortRequest,
     ErrorReply,
+    Finished,
     GenerateAccepted,
     GenerateRequest,
     GenerateResult,
     RequestStatusQuery,
     RequestStatusReply,
     SamplingOptions,
+    StreamMessage,
     Subjects,
+    TokenChunk,
 )
 from kvmesh.services.worker.service import WorkerConfig, WorkerService
 
@@ -51,6 +56,18 @@ async def test_bounded_waiting_queue_and_status(nats_url, tiny_model_path):
         reply = await client.request(Subjects.worker("wa", "status"), query, RequestStatusReply, timeout=10)
         return reply.running
 
+    streams = {}
+    for rid in ("r0", "r1", "r2", "r4"):
+        _sub, streams[rid] = await client.subscribe_queue(Subjects.stream(rid))
+
+    async def last_message(rid: str):
+        """The request's last stream message (a running one streams tokens until it is aborted)."""
+        for _ in range(5001):  # at most 5000 chunks (max_tokens), then the end
+            msg = decode((await asyncio.wait_for(streams[rid].get(), 30)).data, StreamMessage)
+            if not isinstance(msg, TokenChunk):
+                return msg
+        raise AssertionError(f"{rid}: no end after max_tokens")
+
     replies = [await submit(generate(f"r{i}")) for i in range(3)]  # 1 running + 2 waiting
     assert all(isinstance(r, GenerateAccepted) for r in replies)
     refused = await submit(generate("r3"))
@@ -62,8 +79,9 @@ async def test_bounded_waiting_queue_and_status(nats_url, tiny_model_path):
     for rid in ("r0", "r1", "r2", "r4"):
         await client.publish(Subjects.worker("wa", "abort"), AbortRequest(request_id=rid))
     for rid in ("r0", "r1", "r2", "r4"):
-        while await running(rid):
-            pass
+        assert isinstance(await last_message(rid), Finished), rid
+        # The worker lets go of a request as it publishes its Finished: asked after it, it says so.
+        assert not await running(rid), f"{rid} still held after its Finished"
     assert isinstance(await submit(generate("r5")), GenerateAccepted), "room again once they are gone"
     await client.publish(Subjects.worker("wa", "abort"), AbortRequest(request_id="r5"))
     llm.shutdown()

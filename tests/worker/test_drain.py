@@ -42,19 +42,20 @@ async def test_drain_finishes_running_requests_and_refuses_new_ones(nats_url, ti
     accepted = await client.request(Subjects.worker("wd", "generate"), generate("long", 400), GenerateResult)
     assert isinstance(accepted, GenerateAccepted)
     drained = asyncio.create_task(service.drain(timeout_s=60))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(service.refusing_new.wait(), 10)
+    await worker_bus.nc.flush()  # a round trip after the UNSUB: the server has dropped the subscription
     with pytest.raises(NoResponders):
         await client.request(
             Subjects.worker("wd", "generate"), generate("late", 4), GenerateResult, timeout=2
         )
 
     tokens, final = 0, None
-    while final is None:
+    for _ in range(401):  # at most 400 chunks (at least one token each), then Finished
         msg = decode((await asyncio.wait_for(stream.get(), 30)).data, StreamMessage)
-        if isinstance(msg, TokenChunk):
-            tokens += len(msg.token_ids)
-        else:
+        if not isinstance(msg, TokenChunk):
             final = msg
+            break
+        tokens += len(msg.token_ids)
     assert isinstance(final, Finished) and final.finish_reason == "length" and tokens == 400
     assert await drained == 0, "nothing had to be aborted"
     assert llm.stats.num_free_blocks == llm.stats.num_blocks
