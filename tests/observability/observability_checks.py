@@ -26,6 +26,18 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
+def has(samples: dict, name: str, **labels: str) -> bool:
+    """Whether the page holds a series called `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return any(n == name and want <= set(ls) for n, ls in samples)
+
+
+def measured(samples: dict, name: str, **labels: str) -> float:
+    """`total`, for a series that must be there: a missing series fails instead of reading as 0."""
+    assert has(samples, name, **labels), f"no series {name}{labels or ''} on this /metrics page"
+    return total(samples, name, **labels)
+
+
 def label_values(samples: dict, name: str, label: str) -> set[str]:
     return {dict(ls)[label] for (n, ls), _ in samples.items() if n == name and label in dict(ls)}
 

@@ -1,6 +1,7 @@
 """/metrics of the real mesh's processes, parsed with prometheus_client's own text parser: the shared
 metric names are there with their labels, and after a few requests the counts moved by exactly what
-the requests did (histogram counts = requests, token sums = the usage the clients got back)."""
+the requests did (histogram counts = requests, token sums = the usage the clients got back). Every
+series read must exist (`measured`): a series that is gone fails, it does not read as 0."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 
 import httpx
 import pytest
-from observability_checks import label_values, scrape, total
+from observability_checks import has, label_values, measured, scrape, total
 
 MAX_TOKENS = 5
+BLOCK = 16  # the workers' KV block size: prefix hits come in whole blocks
+# A prompt prefix worth several blocks, then tails that differ from their first character on
+PREFIX = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep. " * 5
+FOLLOW_UPS = 8  # bounded: how many prompts repeating PREFIX may be sent before the router must see it
 
 
 def _request(client: httpx.Client, i: int, stream: bool) -> dict:
@@ -65,7 +70,7 @@ def test_gateway_metrics_count_the_requests(traffic):
     model = {"model_name": "tiny-chat"}
 
     def delta(name: str, **labels: str) -> float:
-        return total(g1, name, **model, **labels) - total(g0, name, **model, **labels)
+        return measured(g1, name, **model, **labels) - total(g0, name, **model, **labels)
 
     for histogram in (
         "vllm:e2e_request_latency_seconds",
@@ -87,7 +92,7 @@ def test_gateway_metrics_count_the_requests(traffic):
     # the gateway's NATS requests, by subject with the worker id folded away
     for subject in ("kvmesh.tokenizer.encode", "kvmesh.router.route", "kvmesh.worker.*.generate"):
         assert (
-            total(g1, "kvmesh:nats_request_seconds_count", subject=subject)
+            measured(g1, "kvmesh:nats_request_seconds_count", subject=subject)
             - total(g0, "kvmesh:nats_request_seconds_count", subject=subject)
             == n
         ), subject
@@ -99,6 +104,8 @@ def test_worker_metrics_count_the_requests(traffic, traced_mesh):
     n = len(usages)
 
     def delta(name: str, **labels: str) -> float:
+        # a labelled series appears once a worker has used it: in at least one worker after the requests
+        assert any(has(after[w], name, **labels) for w in workers), f"no worker reports {name}{labels}"
         return sum(total(after[w], name, **labels) - total(before[w], name, **labels) for w in workers)
 
     prompt_tokens = sum(u["prompt_tokens"] for u in usages)
@@ -119,17 +126,22 @@ def test_worker_metrics_count_the_requests(traffic, traced_mesh):
         samples = after[w]
         assert label_values(samples, "vllm:num_requests_running", "worker_id") == {w}
         assert label_values(samples, "vllm:generation_tokens_total", "model_name") <= {"tiny-chat"}
-        assert total(samples, "vllm:num_requests_running") == 0  # all finished
-        assert total(samples, "vllm:num_requests_waiting") == 0
-        assert 0 <= total(samples, "vllm:kv_cache_usage_perc") <= 1
-        assert total(samples, "vllm:num_preemptions_total") >= 0
+        assert measured(samples, "vllm:num_requests_running", worker_id=w) == 0  # all finished
+        assert measured(samples, "vllm:num_requests_waiting", worker_id=w) == 0
+        # the finished requests' blocks stay cached (findable, evictable): usage counts only blocks in use
+        assert 0 <= measured(samples, "vllm:kv_cache_usage_perc", worker_id=w) <= 1
+        assert measured(samples, "vllm:num_preemptions_total", worker_id=w) == 0  # 512 blocks: no pressure
+
+
+HIT = "kvmesh:router_prefix_hit_tokens_total"
+AVAILABLE = "kvmesh:router_prefix_available_tokens_total"
 
 
 def test_router_metrics_count_the_decisions(traffic):
     before, after, usages = traffic
     r0, r1 = before["router"], after["router"]
     n = len(usages)
-    decisions = total(r1, "kvmesh:router_decisions_total") - total(r0, "kvmesh:router_decisions_total")
+    decisions = measured(r1, "kvmesh:router_decisions_total") - total(r0, "kvmesh:router_decisions_total")
     assert decisions == n
     assert label_values(r1, "kvmesh:router_decisions_total", "reason") <= {
         "prefix",
@@ -137,15 +149,11 @@ def test_router_metrics_count_the_decisions(traffic):
         "load",
         "only",
     }
-    hit = total(r1, "kvmesh:router_prefix_hit_tokens_total") - total(
-        r0, "kvmesh:router_prefix_hit_tokens_total"
-    )
-    available = total(r1, "kvmesh:router_prefix_available_tokens_total") - total(
-        r0, "kvmesh:router_prefix_available_tokens_total"
-    )
-    assert 0 <= hit <= available
+    hit = measured(r1, HIT) - total(r0, HIT)
+    available = measured(r1, AVAILABLE) - total(r0, AVAILABLE)
+    assert hit == available  # whatever was cached somewhere, the router went there (a hit > 0: below)
     count = "kvmesh:router_decision_seconds_count"
-    assert total(r1, count) - total(r0, count) == n
+    assert measured(r1, count) - total(r0, count) == n
     # with two workers every decision looked up the prefix overlap, in the router's own replica of
     # the index (--index local, the default): none asked the kv-index over NATS
     overlap = "kvmesh:nats_request_seconds_count"
@@ -153,3 +161,55 @@ def test_router_metrics_count_the_decisions(traffic):
         r0, overlap, subject="kvmesh.kv_index.overlap"
     )
     assert asked == 0
+
+
+def _tokens(client: httpx.Client, prompt: str) -> list[int]:
+    r = client.post("/tokenize", json={"prompt": prompt})
+    r.raise_for_status()
+    return r.json()["tokens"]
+
+
+def _shared_blocks(a: list[int], b: list[int]) -> int:
+    """Leading full blocks two token sequences have in common (the blocks whose chained hashes match)."""
+    n = 0
+    while (n + 1) * BLOCK <= min(len(a), len(b)) and a[n * BLOCK : (n + 1) * BLOCK] == b[
+        n * BLOCK : (n + 1) * BLOCK
+    ]:
+        n += 1
+    return n
+
+
+def test_a_repeated_prefix_is_a_router_prefix_hit(traced_mesh):
+    """A prompt that repeats an earlier one's first blocks: the router finds them cached on a worker,
+    sends the request there, and its hit-token counter moves by exactly those blocks' tokens, which
+    the worker then serves from its prefix cache."""
+    router = traced_mesh.metrics_urls["router"]
+    with httpx.Client(base_url=traced_mesh.base_url, timeout=60) as client:
+        first = PREFIX + "Question: how many sheep does the farmer have?"
+        sent = [_tokens(client, first)]
+        client.post("/v1/completions", json={"prompt": first, "max_tokens": 2}).raise_for_status()
+        # The router learns of the first prompt's blocks from the KV event stream, a moment after the
+        # request ended: follow-ups (each with a tail of its own) until one finds them, a bounded number
+        for i in range(FOLLOW_UPS):
+            prompt = PREFIX + f"{'ABCDEFGH'[i]}nother question, number {i}: what colour is the fox?"
+            tokens = _tokens(client, prompt)
+            expected = BLOCK * max(_shared_blocks(tokens, t) for t in sent)
+            r0 = scrape(router)
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+            r.raise_for_status()
+            r1 = scrape(router)
+            sent.append(tokens)
+            available = measured(r1, AVAILABLE) - total(r0, AVAILABLE)
+            if available:
+                break
+        else:
+            raise AssertionError(f"{FOLLOW_UPS} prompts repeating a cached prefix: the router never saw it")
+    hit = measured(r1, HIT) - total(r0, HIT)
+    assert expected >= 4 * BLOCK, expected  # the shared prefix spans blocks
+    assert hit == available == expected, (hit, available, expected)
+    assert (
+        measured(r1, "kvmesh:router_decisions_total", reason="prefix")
+        - total(r0, "kvmesh:router_decisions_total", reason="prefix")
+        == 1
+    )
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
