@@ -83,6 +83,9 @@ def _up(args: argparse.Namespace) -> int:
             print(f"kvmesh: starting {args.workers} {kind}; NATS {mesh.nats_url}", flush=True)
             mesh.wait_ready(timeout=args.ready_timeout)
             print(f"kvmesh: ready. OpenAI API at {mesh.base_url}/v1  (Ctrl-C stops)", flush=True)
+            for p in mesh.procs:
+                if p.name == "redis":  # started here: say which server (PATH's, or PyPI's valkey-server)
+                    print(f"kvmesh:   redis      {mesh.redis_url} ({p.argv[0]})", flush=True)
             for name, url in mesh.metrics_urls.items():
                 print(f"kvmesh:   {name:<10} metrics {url}", flush=True)
             while True:

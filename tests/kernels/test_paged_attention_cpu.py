@@ -5,7 +5,8 @@ live positions is NaN and fails the comparison. The extension's RMSNorm against 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_paged_attention import BATCHES, HEADS, TOLERANCES, assert_matches_reference, make_batch
+from pairwise import shape_matrix
+from test_paged_attention import BATCHES, HEADS, SHAPES, TOLERANCES, assert_matches_reference, make_batch
 
 from kvmesh.kernels.paged_attention_cpu import load, paged_attention_cpu, rms_norm_cpu
 
@@ -18,11 +19,15 @@ def kernel():
         pytest.fail("the CPU kernel did not build (a C++ compiler is part of the install)")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("head_major", [True, False], ids=["engine-layout", "token-major"])
-@pytest.mark.parametrize("heads", list(HEADS.values()), ids=list(HEADS))
-@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128)], ids=["bs16-d64", "bs32-d128"])
-@pytest.mark.parametrize("batch_name", list(BATCHES))
+@shape_matrix(
+    {
+        "batch_name": {name: name for name in BATCHES},
+        "block_size,head_dim": SHAPES,
+        "heads": HEADS,
+        "head_major": {"engine-layout": True, "token-major": False},
+        "dtype": DTYPES,
+    }
+)
 def test_matches_reference(batch_name, block_size, head_dim, heads, head_major, dtype):
     q_lens, cached_lens = BATCHES[batch_name]
     batch = make_batch(
