@@ -40,6 +40,7 @@ class LocalIndex:
         self.caught_up = False  # reached the stream's end as of when reading started
         self._target = 0  # that end
         self._stream_id = ""  # identity (creation time) of the stream applied_seq counts in
+        self.rereads = 0  # streams found re-created, so read again from their start into an emptied replica
         self.watch: ReconnectWatch | None = None
         self._task: asyncio.Task | None = None
         self.bus: Bus | None = None
@@ -94,6 +95,7 @@ class LocalIndex:
         if stream_id != self._stream_id:
             if self._stream_id:
                 log.warning("the KV event stream was re-created: reading the new one from its start")
+                self.rereads += 1
             self.index.clear()
             self.feed.reset()
             self.applied_seq, self.caught_up = 0, False

@@ -280,12 +280,19 @@ async def test_a_stream_lost_with_the_nats_store_is_recreated_and_read_from_its_
     infra.kill("nats")
     nats = next(p for p in infra.procs if p.name == "nats")
     nats.popen = start_nats_server(port, tmp_path / "new-store", stderr=subprocess.DEVNULL)
+    try:
 
-    async def recreated() -> bool:
-        return bool(await cluster.client.nc.jetstream(timeout=0.5).stream_info(STREAM))
+        async def recreated() -> bool:
+            return bool(await cluster.client.nc.jetstream(timeout=0.5).stream_info(STREAM))
 
-    await until(recreated, "a replica re-created the stream")
-    keys_b = await cluster.store("w6", tokens(13_000, 2))  # the publisher's client reconnected meanwhile
-    await until(overlap_is(cluster, keys_b, {"w6": 2}), "the leader reads the new stream from its start")
-    assert (await cluster.overlap(keys_a)) == OverlapReply(overlap={"w6": 2}), "the index was kept"
-    assert leader.resyncs == 0 and pub.seq == 3, "no batch lost or repeated across the two streams"
+        await until(recreated, "a replica re-created the stream")
+        keys_b = await cluster.store("w6", tokens(13_000, 2))  # the publisher's client reconnected meanwhile
+        await until(overlap_is(cluster, keys_b, {"w6": 2}), "the leader reads the new stream from its start")
+        assert (await cluster.overlap(keys_a)) == OverlapReply(overlap={"w6": 2}), "the index was kept"
+        assert leader.resyncs == 0 and pub.seq == 3, "no batch lost or repeated across the two streams"
+    finally:
+        # Put the package's nats-server back on its own store. `infra.restart("nats")` respawns it there,
+        # so a server left running on this store would be swapped for that one at the next test's
+        # restart: a different stream (other messages, another creation time) behind the same port.
+        infra.kill("nats")
+        infra.restart("nats")

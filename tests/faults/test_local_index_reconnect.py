@@ -57,9 +57,8 @@ async def test_the_local_index_follows_the_stream_again_after_a_nats_restart(inf
 
         await until(lambda: holds(before, 2))
         applied = local.applied_seq
-        # A graceful restart (SIGTERM: nats-server writes its JetStream store out before it exits).
-        # After a SIGKILL the store can come back without its last messages: the stream then looks
-        # re-created and the replica starts over from what is left (see the router README).
+        # A graceful restart (SIGTERM: nats-server writes its JetStream store out before it exits); the
+        # stream comes back from the store with its messages and its creation time (its identity).
         nats = infra.proc("nats")
         nats.terminate()
         nats.wait(timeout=30)
@@ -74,10 +73,10 @@ async def test_the_local_index_follows_the_stream_again_after_a_nats_restart(inf
 
         await until(published)
         await until(lambda: holds(after, 3))
-        # Not asserted: that `before` is still held. nats-server reports a new creation time for the
-        # restored stream, so the replica takes it for a re-created one and reads it again from its
-        # start; in full-suite runs (a busy shared stream) the blocks announced before the restart
-        # were then missing, though not when this test runs alone. Open: see the router README.
+        # The same stream came back (its store kept): the replica read on after the last message it
+        # applied, keeping what it held, rather than emptying itself and reading the stream again.
+        assert await holds(before, 2), "the blocks announced before the restart are still held"
+        assert local.rereads == 0, "it read on from its last message (no re-read from the stream's start)"
         assert local.applied_seq > applied and local.feed.resyncs == 0
         assert await router.check_index()
     finally:
