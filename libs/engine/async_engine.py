@@ -40,7 +40,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     stream: asyncio.Queue
-    accepted: asyncio.Future
+    accepted: asyncio.Future | None  # None: accepted already; a late refusal goes on the stream
     hold_blocks: bool = False
     before: Callable[[LLMEngine], object] | None = None  # runs in the engine thread first
 
@@ -129,12 +129,22 @@ class AsyncLLM(StreamingLLM):
         before: Callable[[LLMEngine], object] | None = None,
     ) -> asyncio.Queue:
         """Queue a request; returns the queue its RequestOutputs arrive on. `before` runs in the
-        engine thread just ahead of it (e.g. committing pulled KV blocks, so no step runs between)."""
+        engine thread just ahead of it (e.g. committing pulled KV blocks, so no step runs between).
+
+        A plain request is accepted at once: validated here, in the caller's event loop (checks
+        against the engine's fixed limits only), and queued without waiting for the engine thread's
+        next step boundary, which under load can be a long prefill away. Should the engine still
+        refuse it (a request id it already runs), the refusal arrives on the stream. A request with
+        `before` or `hold_blocks` waits for the engine thread, whose answer its caller acts on."""
         self.start()
         if self.error is not None or self._stopping:
             raise EngineDeadError("the engine is not running") from self.error
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
+        if before is None and not hold_blocks and self.engine is not None:
+            self.engine.validate(prompt, params)  # raises InvalidRequestError naming the field
+            self._commands.put(_Add(request_id, prompt, params, stream, None))
+            return stream
         accepted = loop.create_future()
         self._commands.put(_Add(request_id, prompt, params, stream, accepted, hold_blocks, before))
         await accepted
@@ -210,10 +220,14 @@ class AsyncLLM(StreamingLLM):
                         cmd.before(self.engine)
                     self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.hold_blocks)
                 except Exception as exc:
-                    self._loop.call_soon_threadsafe(_settle, cmd.accepted, exc)
+                    if cmd.accepted is None:
+                        self._loop.call_soon_threadsafe(cmd.stream.put_nowait, exc)
+                    else:
+                        self._loop.call_soon_threadsafe(_settle, cmd.accepted, exc)
                     continue
                 self._streams[cmd.request_id] = cmd.stream
-                self._loop.call_soon_threadsafe(_settle, cmd.accepted, None)
+                if cmd.accepted is not None:
+                    self._loop.call_soon_threadsafe(_settle, cmd.accepted, None)
             elif isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
             elif isinstance(cmd, _Call):

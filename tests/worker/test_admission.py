@@ -21,9 +21,11 @@ from kvmesh.schemas.messages import (
     RequestStatusQuery,
     RequestStatusReply,
     SamplingOptions,
+    StatsRequest,
     StreamMessage,
     Subjects,
     TokenChunk,
+    WorkerStats,
 )
 from kvmesh.services.worker.service import WorkerConfig, WorkerService
 
@@ -68,8 +70,20 @@ async def test_bounded_waiting_queue_and_status(nats_url, tiny_model_path):
                 return msg
         raise AssertionError(f"{rid}: no end after max_tokens")
 
-    replies = [await submit(generate(f"r{i}")) for i in range(3)]  # 1 running + 2 waiting
-    assert all(isinstance(r, GenerateAccepted) for r in replies)
+    async def engine_running() -> int:
+        stats = await client.request(Subjects.worker("wa", "stats"), StatsRequest(), WorkerStats, timeout=10)
+        return stats.num_running
+
+    # Accepted at once, r0 counts as waiting until the engine's next step has taken it: wait for that
+    # (a hang-guarded poll of the worker's own stats), so that r1 and r2 fill the waiting queue.
+    replies = [await submit(generate("r0"))]
+    for _ in range(300):
+        if await engine_running() == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert await engine_running() == 1
+    replies += [await submit(generate(f"r{i}")) for i in (1, 2)]  # 1 running + 2 waiting
+    assert all(isinstance(r, GenerateAccepted) for r in replies), replies
     refused = await submit(generate("r3"))
     assert isinstance(refused, ErrorReply) and refused.code == "overloaded"
     moved = await submit(msgspec.structs.replace(generate("r4"), migrated=True))
