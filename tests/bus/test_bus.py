@@ -1,6 +1,7 @@
 """The bus against a real nats-server."""
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -57,15 +58,27 @@ async def test_request_reply_queue_groups_and_strict_decoding(nats_url):
 async def test_listen_keeps_order_and_skips_malformed(nats_url):
     pub, sub = await Bus.connect(nats_url, "pub"), await Bus.connect(nats_url, "sub")
     received: list = []
+    listening = asyncio.Event()  # a probe came through: the subscription is live
+    probe = [-1]
 
     async def consume():
         async for msg in sub.listen("t.stream", StreamMessage):
+            if msg.token_ids == probe:
+                listening.set()
+                continue
             received.append(msg)
             if len(received) == 100:
                 return
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.1)
+    # Probes until one arrives; one connection's messages stay in order, so every probe still on its way
+    # arrives before the numbered chunks.
+    for _ in range(200):  # a hang guard: 10 s
+        await pub.publish("t.stream", TokenChunk(token_ids=probe))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listening.wait(), 0.05)
+            break
+    assert listening.is_set(), "the listener never received a message"
     for i in range(100):
         await pub.publish("t.stream", TokenChunk(token_ids=[i]))
         if i == 50:

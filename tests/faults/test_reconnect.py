@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from helpers import heartbeat
+from nats.errors import NoRespondersError
 
 from kvmesh.libs.bus import Bus
 from kvmesh.schemas.messages import (
@@ -19,39 +21,68 @@ from kvmesh.schemas.messages import (
     Subjects,
 )
 from kvmesh.services.router.service import RouterConfig, RouterService
+from kvmesh.services.router.workers import MISSED_BEATS
 
 
-async def reconnected(*buses: Bus) -> None:
-    for _ in range(200):
-        if all(b.nc.is_connected for b in buses):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("never reconnected")
+async def until(check, what: str, timeout: float = 30.0) -> None:
+    """Poll `check` until true: a hang guard (the bound is generous), not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.02)
+
+
+def reconnects(*buses: Bus) -> Callable[[], Awaitable[None]]:
+    """Taken before a kill: waits until each bus has reconnected since. nats-py calls back (setting
+    `reconnected_at`) only once it has re-sent its subscriptions, its reply inbox's too, and flushed:
+    the server holds them by then."""
+    marks = [b.reconnected_at for b in buses]
+
+    async def wait() -> None:
+        await until(
+            lambda: all(b.reconnected_at > m for b, m in zip(buses, marks, strict=True)), "reconnects"
+        )
+
+    return wait
 
 
 async def test_no_responders_right_after_a_reconnect_means_not_back_yet(infra):
     client = await Bus.connect(infra.nats_url, "client")
     server = await Bus.connect(infra.nats_url, "server")
+    refused = asyncio.Event()  # the client has been told "no responders" since the restart
+    plain_request = client.nc.request
+
+    async def request(*args, **kwargs):
+        try:
+            return await plain_request(*args, **kwargs)
+        except NoRespondersError:
+            refused.set()
+            raise
+
+    client.nc.request = request
     try:
+        back = reconnects(client, server)
         infra.kill("nats")
         infra.restart("nats")
-        await reconnected(client)
-        await asyncio.sleep(0.2)  # nats-py re-subscribes its reply inbox just after it says connected
+        await back()
 
         async def answer(_req, _raw) -> DetokenizeReply:
             return DetokenizeReply(text="back")
 
-        async def late_subscriber() -> None:  # a service whose own reconnect comes half a second later
-            await asyncio.sleep(0.5)
-            await reconnected(server)
+        async def late_subscriber() -> None:  # a service whose subscription comes back after the request
+            await refused.wait()
             await server.serve("test.late", DetokenizeRequest, answer)
 
         task = asyncio.create_task(late_subscriber())
-        reply = await client.request(
-            "test.late", DetokenizeRequest(token_ids=[1]), DetokenizeReply, timeout=5
-        )
-        assert reply.text == "back"
-        await task
+        try:
+            reply = await client.request(
+                "test.late", DetokenizeRequest(token_ids=[1]), DetokenizeReply, timeout=5
+            )
+        finally:
+            refused.set()  # the subscriber task ends whatever happened
+            await task
+        assert reply.text == "back", "after 'no responders' the request was tried again and answered"
     finally:
         await client.close()
         await server.close()
@@ -69,14 +100,15 @@ async def test_the_router_does_not_drop_workers_for_the_silence_of_a_nats_outage
         await router.attach(bus)
         await client.publish(Subjects.WORKER_HEARTBEAT, _beat("w"))
         req = RouteRequest(request_id="r", num_tokens=8, max_tokens=1)
-        for _ in range(100):
-            if router.registry.workers:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: "w" in router.registry.workers, "the router heard the worker's beat")
+        seen = router.registry.workers["w"]
+        silent_until = seen.last_seen + MISSED_BEATS * seen.interval_s  # its expiry, were it not forgiven
+        back = reconnects(bus, client)
         infra.kill("nats")
-        await asyncio.sleep(0.5)  # five heartbeat intervals with nothing heard
+        # The outage outlasts the worker's missed-beat allowance (nothing can be heard meanwhile).
+        await until(lambda: time.monotonic() > silent_until, "the worker's silence outlasted its beats")
         infra.restart("nats")
-        await reconnected(bus, client)
+        await back()
         # the worker's next beat is not here yet; its silence was the outage's, not its death
         reply = await client.request(Subjects.ROUTER_ROUTE, req, RouteResult, timeout=5)
         assert isinstance(reply, RouteReply) and reply.worker_id == "w", reply
