@@ -149,6 +149,8 @@ class WorkerStats(Message, tag=_tag("WorkerStats")):
     num_free_blocks: int
     kv_usage: float
     outstanding_tokens: int  # prompt tokens still to prefill + output tokens still to decode
+    max_running: int = 0  # the engine's running batch bound (max_num_seqs); 0: not reported
+    max_waiting: int = 0  # accepted requests it queues beyond that before answering `overloaded`; 0: none
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0

@@ -36,7 +36,13 @@ class GatewayConfig:
     probe_timeout: float = 2.0
     max_migrations: int = 3  # moves per request (worker deaths it survives)
     # Admission and limits (0: unbounded / the model's context)
-    max_inflight: int = 256  # generation requests in the gateway at once; beyond: 429
+    # generation requests in the gateway at once, queued ones included (a memory guard); beyond: 429
+    max_inflight: int = 8192
+    # Flow control (flow.py): requests the workers have no room for wait in the gateway's queue, up to
+    # max_queue of them (0: none wait, 429 at once) and for at most queue_ttl seconds (then 429).
+    max_queue: int = 4096
+    queue_ttl: float = 600.0
+    worker_headroom: int = 4  # requests dispatched to a worker beyond its running batch
     max_body_bytes: int = 1 << 20  # beyond: 413
     max_prompt_tokens: int = 0  # beyond: 400
     max_tokens_cap: int = 0  # larger max_tokens: 400; also the default when max_tokens is left out
@@ -102,8 +108,17 @@ _POSITIVE = (
     "tokenizer_try_timeout",
     "router_try_timeout",
     "control_tries",
+    "queue_ttl",
 )
-_NON_NEGATIVE = ("max_migrations", "max_inflight", "max_body_bytes", "max_prompt_tokens", "max_tokens_cap")
+_NON_NEGATIVE = (
+    "max_migrations",
+    "max_inflight",
+    "max_queue",
+    "worker_headroom",
+    "max_body_bytes",
+    "max_prompt_tokens",
+    "max_tokens_cap",
+)
 
 
 def load_api_keys(env_value: str, path: str | None) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import asyncio
 
 from tokenizers import Tokenizer
 
+from kvmesh.libs import tracing
 from kvmesh.libs.bus import Bus
 from kvmesh.schemas.messages import (
     DetokenizeRequest,
@@ -19,6 +20,7 @@ from kvmesh.schemas.messages import (
     EncodeRequest,
     EncodeResult,
     GenerateRequest,
+    Heartbeat,
     RouteRequest,
     SamplingOptions,
     Subjects,
@@ -26,6 +28,8 @@ from kvmesh.schemas.messages import (
 from kvmesh.services.gateway.control import tokenizer_try_timeout
 from kvmesh.services.gateway.dispatch import Dispatcher, Submission
 from kvmesh.services.gateway.errors import GatewayError
+from kvmesh.services.gateway.flow import FlowController, Slot
+from kvmesh.services.gateway.flow_metrics import QUEUE_TIME
 from kvmesh.services.gateway.params import (
     GenerationParams,
     Limits,
@@ -35,6 +39,8 @@ from kvmesh.services.gateway.params import (
 from kvmesh.services.gateway.stream import RunningRequest
 
 __all__ = ["Generator", "RunningRequest"]
+
+QUEUE_SPAN = "kvmesh.gateway.queue"  # a request's wait in flow control (only when it waited)
 
 
 class Generator:
@@ -47,12 +53,62 @@ class Generator:
         max_model_len: int,
         timeouts: Timeouts,
         limits: Limits | None = None,
+        flow: FlowController | None = None,
+        model_name: str = "",
     ) -> None:
+        self.bus = bus
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.timeouts = timeouts
         self.limits = limits or Limits()
         self.dispatcher = Dispatcher(bus, timeouts)
+        self.flow = flow or FlowController()
+        self.model_name = model_name
+        self._beats: asyncio.Future | None = None
+
+    async def watch_workers(self) -> None:
+        """Feed flow control the workers' heartbeats (idempotent; the gateway calls it at startup, and
+        the first request does if nobody did)."""
+        if self._beats is None:
+
+            async def on_beat(hb: Heartbeat, _raw: object) -> None:
+                self.flow.observe(hb.stats, hb.interval_s)
+
+            self._beats = asyncio.ensure_future(self.bus.serve(Subjects.WORKER_HEARTBEAT, Heartbeat, on_beat))
+        await asyncio.shield(self._beats)
+
+    async def _room(self, params: GenerationParams, front: bool, deadline: float) -> Slot:
+        """A flow-control slot: at once, or after waiting in the queue (a span of the request's trace)."""
+        if not front and (slot := self.flow.try_admit(params.priority, params.tenant)) is not None:
+            QUEUE_TIME.labels(self.model_name).observe(0.0)
+            return slot
+        attributes = {"kvmesh.priority": params.priority, "kvmesh.tenant": params.tenant}
+        with tracing.tracer.start_as_current_span(QUEUE_SPAN, attributes=attributes) as span:
+            ttl = deadline - asyncio.get_running_loop().time()
+            slot = await self.flow.wait(params.priority, params.tenant, front=front, ttl_s=ttl)
+            span.set_attribute("kvmesh.queue_wait_s", slot.waited_s)
+        QUEUE_TIME.labels(self.model_name).observe(slot.waited_s)
+        return slot
+
+    async def _dispatch(self, submission: Submission, params: GenerationParams, arrival: float):
+        """Dispatch within flow control: a request the workers have no room for waits for a slot; one
+        a worker refuses as full (another gateway filled it) goes back to the head of its place."""
+        deadline = arrival + self.flow.config.queue_ttl_s
+        front = False
+        while True:
+            slot = await self._room(params, front, deadline)
+            try:
+                return await self.dispatcher.dispatch(submission), slot
+            except GatewayError as exc:
+                slot.release()
+                no_queue = not self.flow.config.max_queue  # set up for early 429s
+                if exc.code != "overloaded" or no_queue or asyncio.get_running_loop().time() >= deadline:
+                    raise
+                self.flow.backoff()
+                front = True
+            except BaseException:
+                slot.release()
+                raise
 
     async def encode(self, request_id: str, prompt: PromptInput) -> EncodeReply:
         req = EncodeRequest(
@@ -118,8 +174,9 @@ class Generator:
             stream_subject=Subjects.stream(request_id),
         )
         submission = Submission(route_req, gen_req)
-        attempt = await self.dispatcher.dispatch(submission)
-        return RunningRequest(
+        await self.watch_workers()
+        attempt, slot = await self._dispatch(submission, params, arrival)
+        running = RunningRequest(
             self.dispatcher,
             self.tokenizer,
             params,
@@ -129,6 +186,8 @@ class Generator:
             arrival=arrival,
             max_migrations=self.limits.max_migrations,
         )
+        running.on_close = slot.release  # the slot is the workers' room: back when the request ends
+        return running
 
     def _max_tokens(self, num_prompt: int, params: GenerationParams) -> int:
         """The completion budget: as asked, or the rest of the context (at most the cap); 400 if it

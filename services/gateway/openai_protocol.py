@@ -72,6 +72,7 @@ class _SamplingBody(_Body):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    priority: int | None = Field(None, ge=-(2**31), lt=2**31)  # flow control: lower goes first (vLLM)
 
     @field_validator("n")
     @classmethod
@@ -105,6 +106,8 @@ class _SamplingBody(_Body):
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             skip_special_tokens=self.skip_special_tokens is not False,
             session_id=self.user,
+            priority=self.priority or 0,
+            tenant=self.user or "",
             prompt_param=prompt_param,
         )
 

@@ -35,6 +35,8 @@ class GenerationParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     session_id: str | None = None  # routing affinity (OpenAI `user`)
+    priority: int = 0  # flow control's band (vLLM's `priority`: lower goes first)
+    tenant: str = ""  # flow control's fairness key: the `user` field, else the X-Tenant-Id header
     prompt_param: str = "prompt"  # the request field that held the prompt, for error messages
 
 

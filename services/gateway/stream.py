@@ -112,6 +112,7 @@ class RunningRequest:
         self._done = False  # the worker has finished, or has been told to abort
         self._closed = False
         self.on_tokens: Callable[[int], None] | None = None  # telemetry: a chunk of n tokens arrived
+        self.on_close: Callable[[], None] | None = None  # run once by close(): the flow-control slot
 
     async def outputs(self) -> AsyncIterator[GenerationOutput]:
         """Text deltas (never empty) and then exactly one final output; raises GatewayError."""
@@ -325,10 +326,13 @@ class RunningRequest:
         raise GatewayError.internal("the token stream ended without a final record")
 
     async def close(self) -> None:
-        """Idempotent: abort the worker unless it has finished, and drop the subscription."""
+        """Idempotent: abort the worker unless it has finished, drop the subscription, give the
+        flow-control slot back."""
         if self._closed:
             return
         self._closed = True
+        if self.on_close is not None:
+            self.on_close()
         if not self._done:
             self._done = True
             await self._dispatcher.release(self.worker_id, self._attempt.sub, self.request_id)

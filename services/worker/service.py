@@ -88,6 +88,7 @@ class WorkerService:
         self.refusing_new = asyncio.Event()
         engine = llm.engine
         block_size = engine.config.block_size if engine is not None else 16
+        self._max_running = engine.config.max_num_seqs if engine is not None else 0
         self.telemetry = WorkerTelemetry(config.model, config.worker_id, block_size)
 
     def stats(self) -> WorkerStats:
@@ -102,6 +103,8 @@ class WorkerService:
             num_free_blocks=s.num_free_blocks,
             kv_usage=s.kv_usage,
             outstanding_tokens=s.outstanding_tokens,
+            max_running=self._max_running,
+            max_waiting=self.config.max_waiting,
             num_preemptions=s.num_preemptions,
             prefix_hit_tokens=s.prefix_hit_tokens,
             prefix_query_tokens=s.prefix_query_tokens,

@@ -64,6 +64,7 @@ class StandInWorker:
         self.fail: str | None = None
         self.fail_after = 0
         self.overloaded = False
+        self.refused = 0  # generate requests answered `overloaded`
         self.delay = 0.01
         self.generates.clear()
         self.aborts.clear()
@@ -86,6 +87,7 @@ class StandInWorker:
             await self.detach()
             return None
         if self.overloaded and not req.migrated:  # like the real worker's bounded queue
+            self.refused += 1
             return ErrorReply(code="overloaded", message="3 requests already waiting")
         self.generates.append(req)
         task = self.running[req.request_id] = asyncio.create_task(self._stream(req))
@@ -303,13 +305,27 @@ async def test_non_streaming_requests_move_too(mesh, client):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == ANSWER
 
 
-async def test_a_full_worker_is_skipped_and_all_full_is_429(mesh, client):
+async def test_a_full_worker_is_skipped_and_all_full_waits_in_the_queue(mesh, client, gateway):
     mesh.workers["w0"].overloaded = True
     r = await client.post("/v1/completions", json={"prompt": "Count to ten.", "max_tokens": 3})
     assert r.status_code == 200 and mesh.workers["w1"].generates
     mesh.workers["w1"].overloaded = True
+    refusals = {w: w.refused for w in mesh.workers.values()}
+    # By default the request waits in the gateway's queue (flow control) instead of failing ...
+    waiting = asyncio.create_task(client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}))
+    await eventually(
+        lambda: all(w.refused >= refusals[w] + 2 for w in mesh.workers.values()),
+        "both workers refused it at least twice: it went back to the queue and came out again",
+    )
+    assert not waiting.done()
+    mesh.workers["w1"].overloaded = False  # ... and is served once a worker has room
+    r = await waiting
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    # Set up for early 429s (no queue), all full is 429 with Retry-After at once.
+    early = await gateway(max_queue=0)
+    mesh.workers["w1"].overloaded = True
     for stream in (False, True):
-        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": stream})
+        r = await early.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": stream})
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
 
