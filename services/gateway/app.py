@@ -31,6 +31,18 @@ from kvmesh.services.gateway.openai_protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from kvmesh.services.gateway.openapi import (
+    GENERATION_ERRORS,
+    TOKENIZER_ERRORS,
+    ChatCompletion,
+    Completion,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeResponse,
+    errors,
+    install_openapi,
+)
 from kvmesh.services.gateway.params import Limits, Timeouts
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
 from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
@@ -112,6 +124,7 @@ def create_app(
         **fastapi_telemetry(),  # FastAPI's own HTTP server span: the trace's root
     )
     _install_error_handlers(app)
+    install_openapi(app)  # response models, streams as text/event-stream, 400 instead of 422
     app.state.admission = admission
     # Pure ASGI, the last added runs first: authentication, then the body-size limit.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -184,15 +197,16 @@ def create_app(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(result)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    # The handlers return ready Response objects (sent as they are): the models document them.
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await complete(request, body, ChatShaper, "chatcmpl")
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=Completion, responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await complete(request, body, CompletionShaper, "cmpl")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401))
     async def models() -> dict[str, Any]:
         card = {
             "id": served.name,
@@ -204,7 +218,7 @@ def create_app(
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
         reply = await generator.encode(f"tokenize-{uuid.uuid4().hex}", body.prompt_input())
@@ -214,12 +228,12 @@ def create_app(
             "max_model_len": served.max_model_len,
         }
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
         return {"prompt": await generator.detokenize(body.tokens)}
 
-    @app.get("/health", response_model=None)
+    @app.get("/health", response_model=HealthResponse, responses=errors(503))
     async def health() -> Response:
         if bus.nc.is_connected:
             return JSONResponse({"status": "ok"})
