@@ -45,14 +45,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from kvmesh.libs.launcher import Mesh, MeshConfig, port_is_free
+    from kvmesh.libs.gateway_port import PortBusy, choose_port
+    from kvmesh.libs.launcher import Mesh, MeshConfig
+    from kvmesh.libs.supervisor import GaveUp, Supervisor
 
-    port = args.port
-    if not port_is_free(port):
-        from kvmesh.libs.launcher import free_port
-
-        print(f"kvmesh: port {port} is taken, using another", file=sys.stderr)
-        port = free_port()
+    try:
+        port, note = choose_port(args.port)
+    except PortBusy as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if note:
+        print(note, file=sys.stderr)
     config = MeshConfig(
         model=args.model,
         dtype=args.dtype,
@@ -68,10 +71,16 @@ def _up(args: argparse.Namespace) -> int:
         kv_index_replicas=args.kv_index_replicas,
     )
     # Convert the default model once here, before several processes want it at the same time.
-    from kvmesh.libs.engine.model_store import resolve_model
+    from kvmesh.libs.engine.model_store import ModelNotFoundError, resolve_model
 
-    resolve_model(args.model)
+    try:
+        resolve_model(args.model)
+    except ModelNotFoundError as exc:  # before any process starts: nothing to supervise
+        print(f"kvmesh: cannot serve: {exc}", file=sys.stderr)
+        return 1
     mesh = Mesh(config)
+    supervisor = Supervisor(mesh)  # restarts what dies, from the first start on (libs/supervisor.py)
+    mesh.watchdog = supervisor.tick
     # Ctrl-C and SIGTERM both stop the mesh cleanly (a backgrounded shell job ignores SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -88,14 +97,14 @@ def _up(args: argparse.Namespace) -> int:
                     print(f"kvmesh:   redis      {mesh.redis_url} ({p.argv[0]})", flush=True)
             for name, url in mesh.metrics_urls.items():
                 print(f"kvmesh:   {name:<10} metrics {url}", flush=True)
-            while True:
-                for p in mesh.procs:
-                    if p.popen.poll() is not None:
-                        print(f"kvmesh: {p.name} exited with {p.popen.returncode}; stopping", file=sys.stderr)
-                        return 1
-                time.sleep(0.5)
+            supervisor.run()  # until Ctrl-C / SIGTERM, or a process that cannot start
+    except GaveUp as exc:
+        print(f"{exc}; stopping", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("\nkvmesh: stopping", flush=True)
+    finally:
+        print(supervisor.summary(), flush=True)
     return 0
 
 
@@ -114,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
     gen.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     up = sub.add_parser("up", help="run the whole mesh locally (nats-server and redis-server included)")
-    up.add_argument("--port", type=int, default=int(os.environ.get("KVMESH_PORT", 8000)))
+    up.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the API's port (default: KVMESH_PORT, else 8000 or a free one if taken); 0: any free port",
+    )
     up.add_argument("--workers", type=int, default=1)
     up.add_argument(
         "--prefill-workers",

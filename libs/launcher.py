@@ -170,6 +170,8 @@ class Mesh:
         self.gateway_port = config.gateway_port or free_port()
         self.worker_ids: list[str] = []
         self.metrics_urls: dict[str, str] = {}  # process name -> its /metrics URL
+        # Called by the wait loops instead of failing on the first exit (kvmesh up: Supervisor.tick)
+        self.watchdog: Callable[[], None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -268,7 +270,7 @@ class Mesh:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Until every worker has sent a heartbeat, the tokenizer and router answer, and the
-        gateway answers /health."""
+        gateway answers /ready (a worker can take requests)."""
         deadline = time.monotonic() + timeout
         asyncio.run(self._wait_workers(deadline))
         asyncio.run(self._wait_services(deadline))
@@ -277,13 +279,13 @@ class Mesh:
         while True:
             self._check_alive()
             try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.base_url}/ready", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway not healthy after {timeout:.0f} s")
+                raise TimeoutError(f"gateway not ready after {timeout:.0f} s")
             time.sleep(0.1)
 
     def wait_healthy(self, names: list[str] | None = None, timeout: float = 60.0) -> None:
@@ -354,6 +356,8 @@ class Mesh:
             await bus.close()
 
     def _check_alive(self) -> None:
+        if self.watchdog is not None:
+            return self.watchdog()
         for p in self.procs:
             if p.popen.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with code {p.popen.returncode}")

@@ -69,6 +69,28 @@ class KvmeshUp:
         self.base_url = self.wait_for(READY, timeout)["url"]
         return self.base_url
 
+    def nats_url(self, timeout: float = 5.0) -> str:
+        return self.wait_for(r"; NATS (?P<url>nats://\S+)", timeout)["url"]
+
+    def child_pid(self, *argv_parts: str, env: dict[str, str] | None = None) -> int:
+        """The one process under `kvmesh up` whose command line holds `argv_parts` in a row (and whose
+        environment has `env`, for replicas started with the same command line)."""
+        import psutil
+
+        found = []
+        for child in psutil.Process(self.popen.pid).children(recursive=True):
+            try:
+                cmd, environ = child.cmdline(), child.environ() if env else {}
+            except psutil.NoSuchProcess:
+                continue
+            n = len(argv_parts)
+            if any(tuple(cmd[i : i + n]) == argv_parts for i in range(len(cmd))) and all(
+                environ.get(k) == v for k, v in (env or {}).items()
+            ):
+                found.append(child.pid)
+        assert len(found) == 1, f"{argv_parts} {env}: {found}\n{self.output()}"
+        return found[0]
+
     def output(self) -> str:
         return "\n".join(self.lines[-200:])
 

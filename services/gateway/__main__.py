@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     async def serve() -> None:
         bus = await Bus.connect(config.nats_url, "gateway")
         app = create_app(config, bus, tokenizer, model)
+        await app.state.readiness.start()  # /ready knows the workers from the first probe on
         server = Server(
             uvicorn.Config(
                 app,

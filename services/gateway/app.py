@@ -44,6 +44,7 @@ from kvmesh.services.gateway.openapi import (
     install_openapi,
 )
 from kvmesh.services.gateway.params import Limits, Timeouts
+from kvmesh.services.gateway.readiness import Readiness
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
 from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
 from kvmesh.services.gateway.telemetry import GatewayTelemetry, fastapi_telemetry
@@ -126,6 +127,7 @@ def create_app(
     _install_error_handlers(app)
     install_openapi(app)  # response models, streams as text/event-stream, 400 instead of 422
     app.state.admission = admission
+    app.state.readiness = readiness = Readiness(bus)
     # Pure ASGI, the last added runs first: authentication, then the body-size limit.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
@@ -238,6 +240,15 @@ def create_app(
         if bus.nc.is_connected:
             return JSONResponse({"status": "ok"})
         return _error_response(GatewayError.unavailable("not connected to NATS"))
+
+    @app.get("/ready", response_model=None)
+    async def ready() -> Response:
+        """200 when a worker can take requests (readiness), unlike /health (liveness): readiness.py."""
+        await readiness.start()
+        now = time.monotonic()
+        if reason := readiness.reason_not_ready(now):
+            return _error_response(GatewayError.unavailable(reason, "not_ready"))
+        return JSONResponse({"status": "ready", "workers": readiness.serving_workers(now)})
 
     return app
 

@@ -2,8 +2,8 @@
 
 - `ApiKeyAuth`: `Authorization: Bearer <key>` against any of the configured keys, else 401 in OpenAI's
   error shape. Comparisons are constant-time (hmac.compare_digest over SHA-256 digests, so not even a
-  key's length leaks) and every key is compared, so the time does not tell which one matched. /health
-  and /metrics stay open for probes and scrapers. Keys and the Authorization header are never logged.
+  key's length leaks) and every key is compared, so the time does not tell which one matched. /health,
+  /ready and /metrics stay open for probes and scrapers. Keys and the Authorization header are never logged.
 - `BodyLimit`: a body over `max_bytes` is refused with 413 without being read past the limit (a
   declared Content-Length over it is refused before reading anything).
 """
@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvmesh.services.gateway.errors import GatewayError
 
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
 DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to this many times the limit
 
 

@@ -44,6 +44,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         10.0,
         "--index local: a worker known only from its KV events leaves the replica after this long",
     )
+    add_flag(
+        parser,
+        "--warmup-s",
+        "KVMESH_ROUTER_WARMUP_S",
+        2.0,
+        "listen to worker heartbeats this long before taking routes (a new router knows no worker yet)",
+    )
 
 
 def main() -> None:
@@ -63,6 +70,7 @@ def main() -> None:
         # the namespace the tokenizer hashes in: the model's name (its folder's, for a path)
         index_extra_keys=encode_extra_keys(model_label(args.model)),
         silent_worker_s=args.silent_worker_s,
+        warmup_s=args.warmup_s,
     )
     service = RouterService(config, make_scorer(args.scorer))
     serve_on_bus(args, "router", service.attach, service.close)

@@ -58,6 +58,9 @@ class RouterConfig:
     index_redis_url: str | None = None
     index_extra_keys: bytes = b""  # local: the hash namespace (encode_extra_keys of the model name)
     silent_worker_s: float = 10.0  # local: a worker known only from its events is dropped after this
+    # Heartbeats heard before the route subscription: a router that took routes at once (a restarted
+    # replica) answered "no workers" to its share until the first beats came (1 s apart by default).
+    warmup_s: float = 0.0
 
     @property
     def index_mode(self) -> str:
@@ -240,6 +243,8 @@ class RouterService:
             return self.health()
 
         await bus.serve(Subjects.WORKER_HEARTBEAT, Heartbeat, on_beat)
+        if self.config.warmup_s > 0:
+            await asyncio.sleep(self.config.warmup_s)  # one heartbeat round, with margin: see warmup_s
         await bus.serve(Subjects.ROUTER_ROUTE, RouteRequest, on_route, queue="router")
         # outside the queue group: the gateway's hedged try when a replica does not answer
         await bus.serve(Subjects.every_replica(Subjects.ROUTER_ROUTE), RouteRequest, on_route)
