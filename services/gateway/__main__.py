@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         bus = await Bus.connect(config.nats_url, "gateway")
         app = create_app(config, bus, tokenizer, model)
         await app.state.readiness.start()  # /ready knows the workers from the first probe on
+        await app.state.generator.watch_workers()  # flow control knows their room before a request
         server = Server(
             uvicorn.Config(
                 app,

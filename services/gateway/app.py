@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -24,6 +25,8 @@ from kvmesh.libs.bus import Bus
 from kvmesh.services.gateway.admission import InflightLimit
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 from kvmesh.services.gateway.errors import GatewayError
+from kvmesh.services.gateway.flow import FlowConfig, FlowController
+from kvmesh.services.gateway.flow_metrics import FLOWS
 from kvmesh.services.gateway.generation import Generator
 from kvmesh.services.gateway.openai_protocol import (
     ChatCompletionRequest,
@@ -43,7 +46,7 @@ from kvmesh.services.gateway.openapi import (
     errors,
     install_openapi,
 )
-from kvmesh.services.gateway.params import Limits, Timeouts
+from kvmesh.services.gateway.params import GenerationParams, Limits, PromptInput, Timeouts
 from kvmesh.services.gateway.readiness import Readiness
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
 from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
@@ -116,7 +119,12 @@ def create_app(
         control_tries=config.control_tries,
     )
     limits = Limits(config.max_prompt_tokens, config.max_tokens_cap, config.max_migrations)
-    generator = Generator(bus, tokenizer, served.max_model_len, timeouts, limits)
+    flow_config = FlowConfig(
+        max_queue=config.max_queue, queue_ttl_s=config.queue_ttl, worker_headroom=config.worker_headroom
+    )
+    flow = FlowController(flow_config)
+    FLOWS.add(flow, served.name)  # its queue depth and outcomes on /metrics
+    generator = Generator(bus, tokenizer, served.max_model_len, timeouts, limits, flow, served.name)
     admission = InflightLimit(config.max_inflight)
     texts = TokenTexts(tokenizer)
     app = FastAPI(
@@ -127,6 +135,8 @@ def create_app(
     _install_error_handlers(app)
     install_openapi(app)  # response models, streams as text/event-stream, 400 instead of 422
     app.state.admission = admission
+    app.state.flow = flow
+    app.state.generator = generator
     app.state.readiness = readiness = Readiness(bus)
     # Pure ASGI, the last added runs first: authentication, then the body-size limit.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -164,7 +174,7 @@ def create_app(
         id_prefix: str,
     ) -> Response:
         check_model(body.model)
-        prompt, params = body.prompt_and_params()
+        prompt, params = flow_keys(body.prompt_and_params(), body, request)
         shaper = shaper_type(
             f"{id_prefix}-{uuid.uuid4().hex}",  # also the request id on NATS, end to end
             body.model or served.name,
@@ -176,7 +186,13 @@ def create_app(
         try:
             if body.stream:
                 # Started before the response: failures up to the worker's acceptance keep their status.
-                running = await observed.start(generator, shaper.request_id, prompt, params)
+                # A client that leaves meanwhile (waiting in the queue, say) never reaches a worker.
+                started = observed.start(generator, shaper.request_id, prompt, params)
+                running = await _unless_disconnected(request, started)
+                if running is None:
+                    observed.end()
+                    log.info("%s: client disconnected before the stream started", shaper.request_id)
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
                 outputs = observed.observe(running.outputs())
                 return SSEResponse(sse_stream(shaper, outputs), on_close=observed.closing(running.close))
 
@@ -251,6 +267,26 @@ def create_app(
         return JSONResponse({"status": "ready", "workers": readiness.serving_workers(now)})
 
     return app
+
+
+TENANT_HEADER = "x-tenant-id"  # flow control's fairness key when the body has no `user`
+PRIORITY_HEADER = "x-request-priority"  # its band when the body has no `priority` (lower goes first)
+
+
+def flow_keys(
+    prompt_params: tuple[PromptInput, GenerationParams], body: Any, request: Request
+) -> tuple[PromptInput, GenerationParams]:
+    """The request's priority band and tenant: the body's fields, else the headers."""
+    prompt, params = prompt_params
+    changes: dict[str, Any] = {}
+    if body.priority is None and (value := request.headers.get(PRIORITY_HEADER)) is not None:
+        try:
+            changes["priority"] = int(value)
+        except ValueError:
+            raise GatewayError.invalid(f"{PRIORITY_HEADER} must be an integer, got {value!r}") from None
+    if not body.user and (tenant := request.headers.get(TENANT_HEADER)):
+        changes["tenant"] = tenant
+    return prompt, dataclasses.replace(params, **changes) if changes else params
 
 
 def _error_response(exc: GatewayError) -> JSONResponse:
