@@ -141,3 +141,48 @@ def redis_url():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class GreedyOracle:
+    """Hugging Face transformers' greedy output, float32, for one model folder: the oracle that does
+    not share a line of code with kvmesh (transformers' tokenizer, chat template rendering, Llama
+    forward pass and generate()). Each answer is computed once per session and remembered."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self._answers: dict[tuple, str] = {}
+
+    def chat(self, messages: list[dict], max_tokens: int) -> str:
+        """The assistant's reply to `messages` (the model's chat template, generation prompt added)."""
+        key = ("chat", json.dumps(messages), max_tokens)
+        if key not in self._answers:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            self._answers[key] = self._generate(
+                self.tokenizer(text, add_special_tokens=False).input_ids, max_tokens
+            )
+        return self._answers[key]
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        """The continuation of a plain-text prompt (OpenAI completions)."""
+        key = ("complete", prompt, max_tokens)
+        if key not in self._answers:
+            self._answers[key] = self._generate(self.tokenizer(prompt).input_ids, max_tokens)
+        return self._answers[key]
+
+    def _generate(self, ids: list[int], max_tokens: int) -> str:
+        inputs = torch.tensor([ids])
+        with torch.inference_mode():
+            out = self.model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_tokens, do_sample=False
+            )
+        return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(default_model_path: Path) -> GreedyOracle:
+    """transformers' greedy answers on the real default model (SmolLM2-135M-Instruct) in float32: what
+    the mesh and disaggregation tests compare the whole serving path against (see tests/README.md)."""
+    return GreedyOracle(default_model_path)

@@ -9,9 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-
-from kvmesh.libs.engine.llm import LLM
-from kvmesh.libs.engine.sampling_params import SamplingParams
+from helpers import restart_worker
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -23,17 +21,11 @@ MAX_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def engine_llm(default_model_path):
-    """The in-process engine the mesh must agree with."""
-    return LLM(str(default_model_path), dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def expected(engine_llm):
-    chat = [engine_llm.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
-    outs = engine_llm.generate(chat, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-    plain = engine_llm.generate(QUESTIONS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-    return {"chat": [o.text for o in outs], "completion": [o.text for o in plain]}
+def expected(hf_greedy):
+    """What the mesh must answer: transformers' greedy output (fp32), the independent oracle."""
+    chat = [hf_greedy.chat([{"role": "user", "content": q}], MAX_TOKENS) for q in QUESTIONS]
+    plain = [hf_greedy.complete(q, MAX_TOKENS) for q in QUESTIONS]
+    return {"chat": chat, "completion": plain}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def model(client):
     return client.models.list().data[0].id
 
 
-def test_sync_chat_and_completions_equal_the_engine(client, model, expected):
+def test_sync_chat_and_completions_equal_transformers(client, model, expected):
     for q, want in zip(QUESTIONS, expected["chat"], strict=True):
         r = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": q}], max_tokens=MAX_TOKENS, temperature=0
@@ -161,8 +153,11 @@ def test_load_spreads_and_a_stopped_worker_is_survived(mesh, client, model, work
     after = {w: worker_stats(w).prefix_query_tokens for w in mesh.worker_ids}
     assert all(after[w] > before[w] for w in mesh.worker_ids), f"load did not spread: {before} -> {after}"
 
-    victim = mesh.proc(mesh.worker_ids[1])
-    victim.send_signal(signal.SIGTERM)
-    victim.wait(30)
-    with ThreadPoolExecutor(4) as pool:
-        assert all(pool.map(ask, range(8))), "requests keep succeeding on the remaining worker"
+    victim = mesh.worker_ids[1]
+    mesh.proc(victim).send_signal(signal.SIGTERM)
+    try:
+        mesh.proc(victim).wait(30)
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(ask, range(8))), "requests keep succeeding on the remaining worker"
+    finally:
+        restart_worker(mesh, victim)  # the mesh is shared: leave it with both workers serving
