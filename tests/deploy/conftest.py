@@ -38,6 +38,12 @@ CONTRACT_METRICS = frozenset(
         "vllm:request_success_total",
         "kvmesh:gateway_requests_total",
         "kvmesh:gateway_rejected_total",
+        # gateway flow control (services/gateway/flow_metrics.py)
+        "kvmesh:gateway_queue_depth",
+        "kvmesh:gateway_queue_inflight",
+        "kvmesh:gateway_queue_capacity",
+        "kvmesh:gateway_queue_requests_total",
+        "kvmesh:gateway_queue_time_seconds",
         # router
         "kvmesh:router_decisions_total",
         "kvmesh:router_prefix_hit_tokens_total",

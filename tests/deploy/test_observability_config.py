@@ -80,6 +80,7 @@ def test_the_services_export_every_contract_name(contract_metrics):
     """The other side of the contract: kvmesh.libs.metrics registers every name the dashboard uses
     (counters appear with their _total suffix, as Prometheus stores them)."""
     pytest.importorskip("kvmesh.libs.metrics")
+    pytest.importorskip("kvmesh.services.gateway.flow_metrics")  # registers flow control's collector
     from prometheus_client import REGISTRY, generate_latest
 
     exported = {
