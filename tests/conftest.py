@@ -23,6 +23,7 @@ SYSTEM_MARKS = {
     "observability": "mesh",
     "reliability": "mesh",
     "cli": "mesh",
+    "flow": "mesh",
     "faults": "fault",
 }
 TESTS = Path(__file__).resolve().parent
