@@ -90,8 +90,9 @@ def test_health_checks_gate_the_start_order(services):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     for name in KVMESH | set(PROFILED):
         probe = " ".join(services[name]["healthcheck"]["test"])
-        port = 8000 if name == "gateway" else 9400
-        assert f"127.0.0.1:{port}/health" in probe, name
+        # the gateway is healthy when a worker can serve (/ready); the others once attached (/health)
+        url = "127.0.0.1:8000/ready" if name == "gateway" else "127.0.0.1:9400/health"
+        assert url in probe, name
         deps = services[name]["depends_on"]
         assert deps["nats"]["condition"] == "service_healthy", name
         assert deps["model-init"]["condition"] == "service_completed_successfully", name

@@ -135,7 +135,8 @@ def test_pods_have_probes_resources_config_and_tracing(everything_docs):
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         port = 8000 if name == "gateway" else 9400
-        assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}, name
+        ready = "/ready" if name == "gateway" else "/health"  # the gateway: ready = a worker can serve
+        assert container["readinessProbe"]["httpGet"] == {"path": ready, "port": port}, name
         assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": port}, name
         assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": port}, name
         assert {"cpu", "memory"} <= set(container["resources"]["requests"]), name

@@ -77,4 +77,5 @@ def test_compose_health_check_fails_when_nothing_answers():
     command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]["healthcheck"][
         "test"
     ][1:]
+    assert "http://127.0.0.1:8000/ready" in command[-1]  # healthy = a worker can serve, not just up
     assert run_check([arg.replace(":8000", f":{free_port()}") for arg in command]) != 0
