@@ -34,7 +34,7 @@ from kvmesh.services.gateway.generation import Generator
 from kvmesh.services.gateway.params import GenerationOutput, GenerationParams, PromptInput, Usage
 
 REQUEST_SPAN = "kvmesh.gateway.request"
-UNCOUNTED_PATHS = frozenset({"/metrics", "/health"})  # scrapes and probes are not traffic
+UNCOUNTED_PATHS = frozenset({"/metrics", "/health", "/ready"})  # scrapes and probes are not traffic
 # Refusals before any worker is asked, by the status they leave with (auth, body limit, admission).
 REJECTIONS = {401: "unauthorized", 413: "too_large", 429: "overloaded"}
 

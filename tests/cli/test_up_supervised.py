@@ -21,7 +21,9 @@ from kvmesh.schemas.messages import GenerateRequest
 
 HANG_GUARD_S = 90.0  # restart + model load on a loaded 2-core machine: seconds; a hang: never
 PROMPTS = [f"Tell me fact number {i} about the sea." for i in range(6)]
-MAX_TOKENS = 48
+# Long enough (the tiny model: ~2-5 ms a token) that the kill, sent when a stream's first chunk is
+# seen on NATS, lands mid-stream even on a loaded machine: a stream that ended first proves nothing.
+MAX_TOKENS = 256
 
 
 def back_line(name: str) -> re.Pattern:
@@ -89,7 +91,7 @@ def test_a_killed_worker_is_restarted_and_no_stream_fails_or_changes(tiny_chat_m
             killed_at: list[float] = []
 
             def kill_on_worker_1(worker_id: str) -> None:
-                # SIGKILL once a stream on worker-1 has sent its first tokens: 47 more to go
+                # SIGKILL once a stream on worker-1 has sent its first tokens: 255 more to go
                 if worker_id == "worker-1" and not killed_at:
                     os.kill(worker_1, signal.SIGKILL)
                     killed_at.append(time.monotonic())
