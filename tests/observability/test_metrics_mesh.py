@@ -5,6 +5,7 @@ series read must exist (`measured`): a series that is gone fails, it does not re
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -179,6 +180,25 @@ def _shared_blocks(a: list[int], b: list[int]) -> int:
     return n
 
 
+async def fresh_heartbeats(nats_url: str, worker_ids: list[str], beats: int = 2) -> None:
+    """Until each worker has sent `beats` heartbeats from now on, the last one with nothing running
+    (the router hears the same messages; two beats leave it time to have applied the first)."""
+    from kvmesh.libs.bus import Bus, decode
+    from kvmesh.schemas.messages import Heartbeat, Subjects
+
+    bus = await Bus.connect(nats_url, "test-heartbeats")
+    heard = dict.fromkeys(worker_ids, 0)
+    try:
+        _sub, queue = await bus.subscribe_queue(Subjects.WORKER_HEARTBEAT)
+        async with asyncio.timeout(30):  # a hang guard: beats come every 0.5 s
+            while min(heard.values()) < beats:
+                stats = decode((await queue.get()).data, Heartbeat).stats
+                if stats.worker_id in heard:
+                    heard[stats.worker_id] = heard[stats.worker_id] + 1 if stats.num_running == 0 else 0
+    finally:
+        await bus.close()
+
+
 def test_a_repeated_prefix_is_a_router_prefix_hit(traced_mesh):
     """A prompt that repeats an earlier one's first blocks: the router finds them cached on a worker,
     sends the request there, and its hit-token counter moves by exactly those blocks' tokens, which
@@ -188,6 +208,10 @@ def test_a_repeated_prefix_is_a_router_prefix_hit(traced_mesh):
         first = PREFIX + "Question: how many sheep does the farmer have?"
         sent = [_tokens(client, first)]
         client.post("/v1/completions", json={"prompt": first, "max_tokens": 2}).raise_for_status()
+        # Until a heartbeat from after that request has reached the router, it still counts the
+        # request's tokens as load on the worker holding the prefix (more than the prefix saves), and
+        # a follow-up rightly goes to the idle worker instead.
+        asyncio.run(fresh_heartbeats(traced_mesh.nats_url, traced_mesh.worker_ids))
         # The router learns of the first prompt's blocks from the KV event stream, a moment after the
         # request ended: follow-ups (each with a tail of its own) until one finds them, a bounded number
         for i in range(FOLLOW_UPS):
