@@ -53,6 +53,7 @@ class Outcome:
     e2e_s: float | None = None  # to the end of the stream (or to the error answer)
     retry_after: str | None = None
     error: str = ""
+    stream_error: bool = False  # 200, then an error event instead of the end of the completion
 
 
 def prompt(rng: random.Random) -> str:
@@ -81,8 +82,14 @@ async def one_request(client: httpx.AsyncClient, model: str, text: str, tenant: 
                 out.e2e_s = time.perf_counter() - t0
                 return out
             async for line in r.aiter_lines():
-                if out.ttft_s is None and line.startswith("data: {"):
-                    choices = json.loads(line[6:]).get("choices") or [{}]
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:  # the stream ended with an error event: not served
+                    out.error = f"stream error: {event['error'].get('message', '')}"[:200]
+                    out.stream_error = True
+                elif out.ttft_s is None:
+                    choices = event.get("choices") or [{}]
                     if choices[0].get("delta", {}).get("content"):
                         out.ttft_s = time.perf_counter() - t0
             out.e2e_s = time.perf_counter() - t0
@@ -100,7 +107,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def summarize_burst(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
-    served = [o for o in outcomes if o.status == 200 and o.ttft_s is not None]
+    served = [o for o in outcomes if o.status == 200 and o.ttft_s is not None and not o.stream_error]
     rejected = [o for o in outcomes if o.status == 429]
     e2e = [o.e2e_s for o in served]
     return {
@@ -109,6 +116,8 @@ def summarize_burst(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
         "429": len(rejected),
         "429_with_retry_after": sum(1 for o in rejected if o.retry_after),
         "5xx": sum(1 for o in outcomes if o.status >= 500),
+        "stream_errors": sum(1 for o in outcomes if o.status == 200 and o.stream_error),
+        "no_content": sum(1 for o in outcomes if o.status == 200 and not o.stream_error and o.ttft_s is None),
         "other_failures": sum(1 for o in outcomes if o.status not in (200, 429) and o.status < 500),
         "e2e_p50_s": pct(e2e, 50),
         "e2e_p99_s": pct(e2e, 99),

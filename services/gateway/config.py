@@ -20,8 +20,9 @@ class GatewayConfig:
     model: str = "SmolLM2-135M-Instruct"  # packaged model name or HF folder (for the tokenizer and context)
     served_model_name: str | None = None  # None: the model's name (its folder name for a path)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    request_timeout: float = 600.0  # seconds from arrival to the last token
-    first_token_timeout: float = 120.0  # seconds from arrival to the first token
+    # seconds from dispatch (the request leaves the flow-control queue, whose wait --queue-ttl bounds)
+    request_timeout: float = 600.0  # ... to the last token
+    first_token_timeout: float = 120.0  # ... to the first token
     token_timeout: float = 120.0  # longest silence between two tokens on a stream
     bus_timeout: float = 10.0  # one NATS request to a worker; all tries of one to the tokenizer or router
     # Tokenizer and router requests (control.py): a try unanswered this long is hedged by one to every

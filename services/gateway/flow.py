@@ -146,6 +146,21 @@ class FlowController:
         return max(1, total)
 
     # -- requests ------------------------------------------------------------------------------------
+    def check_room(self) -> None:
+        """Raise the 429 a request would get at once because the queue is full, before any work is
+        spent on it (the gateway calls this on arrival, ahead of tokenization)."""
+        if self.waiting >= self.config.max_queue and not self._has_room():
+            self.counts["rejected_full"] += 1
+            self._changed()
+            raise self._full()
+
+    def _full(self) -> GatewayError:
+        return GatewayError.overloaded(
+            f"the workers are busy and the gateway's queue is full ({self.waiting} requests "
+            f"waiting, at most {self.config.max_queue}); retry later",
+            self.retry_after(),
+        )
+
     def try_admit(self, priority: int = 0, tenant: str = "") -> Slot | None:
         """A slot at once when the workers have room and nobody waits; None: the request must `wait()`.
         Raises GatewayError 429 when it could not even wait (the queue is full)."""
@@ -154,11 +169,7 @@ class FlowController:
         if self.waiting >= self.config.max_queue:
             self.counts["rejected_full"] += 1
             self._changed()
-            raise GatewayError.overloaded(
-                f"the workers are busy and the gateway's queue is full ({self.waiting} requests "
-                f"waiting, at most {self.config.max_queue}); retry later",
-                self.retry_after(),
-            )
+            raise self._full()
         return None
 
     async def wait(

@@ -134,6 +134,7 @@ class Generator:
 
     async def start(self, request_id: str, prompt: PromptInput, params: GenerationParams) -> RunningRequest:
         arrival = asyncio.get_running_loop().time()
+        self.flow.check_room()  # a full queue answers 429 before the prompt is even tokenized
         cap = self.limits.max_tokens_cap
         if cap and params.max_tokens is not None and params.max_tokens > cap:
             raise GatewayError.invalid(
@@ -176,6 +177,9 @@ class Generator:
         submission = Submission(route_req, gen_req)
         await self.watch_workers()
         attempt, slot = await self._dispatch(submission, params, arrival)
+        # The request's timeouts count from here: its wait in the queue has a bound of its own (the
+        # TTL), and a burst's last requests must not reach a worker with their first-token time spent.
+        dispatched = asyncio.get_running_loop().time()
         running = RunningRequest(
             self.dispatcher,
             self.tokenizer,
@@ -183,7 +187,7 @@ class Generator:
             self.timeouts,
             submission,
             attempt,
-            arrival=arrival,
+            arrival=dispatched,
             max_migrations=self.limits.max_migrations,
         )
         running.on_close = slot.release  # the slot is the workers' room: back when the request ends

@@ -79,7 +79,7 @@ class RunningRequest:
         submission: Submission,  # as first sent: continuations are derived from it
         attempt: Attempt,  # the worker that accepted it
         *,
-        arrival: float,  # loop time the request arrived: the timeouts count from it
+        arrival: float,  # loop time the request left the gateway's queue: the timeouts count from it
         max_migrations: int = 3,
     ) -> None:
         self.request_id = submission.generate.request_id

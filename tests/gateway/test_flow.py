@@ -102,6 +102,19 @@ async def test_a_full_queue_is_429_with_retry_after():
     (await waiting[1]).release()
 
 
+async def test_a_full_queue_is_refused_on_arrival_before_any_work():
+    flow = flow_with_room(1, max_queue=1)
+    flow.check_room()  # room on the workers: nothing to refuse
+    held = flow.try_admit()
+    flow.check_room()  # the queue has room
+    (waiting,) = await queued(flow, 1)
+    with pytest.raises(GatewayError) as err:
+        flow.check_room()
+    assert err.value.status == 429 and flow.counts["rejected_full"] == 1
+    held.release()
+    (await waiting).release()
+
+
 async def test_no_queue_means_429_as_soon_as_the_workers_are_full():
     flow = flow_with_room(1, max_queue=0)
     assert flow.try_admit() is not None

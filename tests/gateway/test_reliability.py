@@ -330,6 +330,23 @@ async def test_a_full_worker_is_skipped_and_all_full_waits_in_the_queue(mesh, cl
         assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
 
 
+async def test_the_first_token_timeout_counts_from_dispatch_not_from_the_queue(mesh, gateway):
+    """A request that waited in the queue longer than the first-token timeout still gets its whole
+    first-token time once a worker takes it (a burst's last requests used to time out unserved)."""
+    client = await gateway(first_token_timeout=0.5)
+    for w in mesh.workers.values():
+        w.overloaded = True
+    waiting = asyncio.create_task(client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}))
+    await eventually(
+        lambda: all(w.refused >= 4 for w in mesh.workers.values()),  # >= 3 backoffs of 0.2 s: > 0.5 s
+        "the request went back to the queue several times",
+    )
+    for w in mesh.workers.values():
+        w.overloaded = False
+    r = await waiting
+    assert r.status_code == 200, r.text
+
+
 async def test_gateway_in_flight_bound_is_429_then_frees(mesh, gateway):
     client = await gateway(max_inflight=1)
     mesh.workers["w0"].delay = 0.05
