@@ -257,7 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     targets = ["kvmesh"] + (["vllm"] if args.vllm_python else [])
     results: dict[str, Any] = {"scenarios": []}
     scenarios: list[tuple[str, dict[str, Any]]] = [("burst", {"n": n}) for n in args.bursts]
-    scenarios.append(("fairness", {}))
+    if not args.skip_fairness:
+        scenarios.append(("fairness", {}))
     if args.bound:
         scenarios.append(("bounded", {"n": args.bound_n, "max_queue": args.bound}))
     for k, (kind, params) in enumerate(scenarios):
@@ -315,7 +316,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(bursts))])
         ax.set_xticklabels([f"N={s['n']}" for s in bursts])
         ax.set_title(title)
-        ax.legend()
+        if targets:
+            ax.legend()
     fig.suptitle("Bursts at once: kvmesh up (default) vs vLLM-cpu, same run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bursts", type=int, nargs="*", default=[100, 300, 1000])
     p.add_argument("--vllm-python", default=None, help="a Python with vllm-cpu installed (PEERS.md)")
+    p.add_argument("--skip-fairness", action="store_true", help="no two-tenant run")
     p.add_argument("--a-burst", type=int, default=200, help="tenant A's requests, sent at once")
     p.add_argument("--b-requests", type=int, default=10, help="tenant B's requests, one at a time")
     p.add_argument("--b-interval", type=float, default=1.0, help="seconds between tenant B's requests")

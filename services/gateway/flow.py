@@ -14,7 +14,9 @@ Each gateway replica keeps its own queue over the same workers, as each llm-d en
 - **Priority bands**: a lower `priority` (vLLM's field: default 0, lower runs first) always goes first.
 - **Fairness between tenants** inside a band: round-robin over the tenants that have requests waiting
   (the `user` field or the `X-Tenant-Id` header), so a tenant's burst queues behind its own requests,
-  not in front of another tenant's trickle.
+  not in front of another tenant's trickle. And no tenant holds more than `max_tenant_share` (7/8) of
+  the workers' room: the rest stays free, so a newcomer's request starts at once instead of waiting for
+  one of the burst's requests to end (the running batch would otherwise be all the burst's).
 - **Bounded**: beyond `max_queue` waiting requests, or past `queue_ttl_s` of waiting, 429 with a
   Retry-After that is the measured drain time of the queue ahead.
 - Without any worker heartbeat (no worker yet, or a host that sends none) the gate stands open and the
@@ -45,23 +47,27 @@ class FlowConfig:
     queue_ttl_s: float = 600.0  # longest wait; past it: 429
     worker_headroom: int = 4  # requests on a worker beyond its running batch (its next ones, ready)
     kv_saturated: float = 0.95  # KV usage at which a worker takes nothing beyond what it runs
+    # The largest share of the workers' room one tenant may hold (rounded up): the rest stays free for
+    # other tenants, so a newcomer starts at once instead of waiting for a burst's request to end.
+    max_tenant_share: float = 0.875
 
 
 class Slot:
     """Room for one request on the workers, from dispatch until `release()` (idempotent)."""
 
-    __slots__ = ("_flow", "_released", "waited_s")
+    __slots__ = ("_flow", "_released", "tenant", "waited_s")
 
-    def __init__(self, flow: FlowController | None, waited_s: float) -> None:
+    def __init__(self, flow: FlowController | None, waited_s: float, tenant: str = "") -> None:
         self._flow = flow
         self._released = False
+        self.tenant = tenant
         self.waited_s = waited_s
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             if self._flow is not None:
-                self._flow._release()
+                self._flow._release(self.tenant)
 
 
 @dataclass(slots=True)
@@ -87,10 +93,14 @@ class _Band:
         else:
             queue.append(w)
 
-    def pop(self) -> _Waiter | None:
-        """The next live waiter: the first tenant's oldest, that tenant then goes to the back."""
-        while self.tenants:
-            tenant, queue = next(iter(self.tenants.items()))
+    def pop(self, eligible: Callable[[str], bool]) -> _Waiter | None:
+        """The next live waiter: the oldest of the first tenant in turn that may take a slot now
+        (`eligible`); that tenant then goes to the back. Tenants passed over keep their turn."""
+        while True:
+            tenant = next((t for t in self.tenants if eligible(t)), None)
+            if tenant is None:
+                return None
+            queue = self.tenants[tenant]
             w = queue.popleft()
             if queue:
                 self.tenants.move_to_end(tenant)
@@ -98,7 +108,6 @@ class _Band:
                 del self.tenants[tenant]
             if not w.gone:
                 return w
-        return None
 
 
 @dataclass(slots=True)
@@ -115,6 +124,7 @@ class FlowController:
         self.config = config or FlowConfig()
         self.clock = clock
         self.inflight = 0  # slots held
+        self._held: dict[str, int] = {}  # slots held by tenant
         self.waiting = 0  # live waiters
         self._bands: dict[int, _Band] = {}
         self._workers: dict[str, _Worker] = {}
@@ -164,8 +174,8 @@ class FlowController:
     def try_admit(self, priority: int = 0, tenant: str = "") -> Slot | None:
         """A slot at once when the workers have room and nobody waits; None: the request must `wait()`.
         Raises GatewayError 429 when it could not even wait (the queue is full)."""
-        if not self.waiting and self._has_room():
-            return self._grant(0.0)
+        if self._has_room() and self._within_share(tenant) and not self._due_before(priority):
+            return self._grant(0.0, tenant)
         if self.waiting >= self.config.max_queue:
             self.counts["rejected_full"] += 1
             self._changed()
@@ -238,20 +248,43 @@ class FlowController:
         cap = self.capacity()
         return cap is None or self.inflight < cap
 
-    def _grant(self, waited_s: float) -> Slot:
+    def _due_before(self, priority: int) -> bool:
+        """Whether a waiter of this band or a higher one could take a slot now (it goes first)."""
+        if not self.waiting:
+            return False
+        return any(
+            self._within_share(tenant)
+            for p, band in self._bands.items()
+            if p <= priority
+            for tenant in band.tenants
+        )
+
+    def _within_share(self, tenant: str) -> bool:
+        """Whether `tenant` may take one more slot: it holds less than its share of the room."""
+        cap = self.capacity()
+        if cap is None:
+            return True
+        return self._held.get(tenant, 0) < max(1, math.ceil(cap * self.config.max_tenant_share))
+
+    def _grant(self, waited_s: float, tenant: str) -> Slot:
         self.inflight += 1
+        self._held[tenant] = self._held.get(tenant, 0) + 1
         self.counts["dispatched"] += 1
         now = self.clock()
         self._rate = self._decayed_rate(now) + 1.0 / RATE_HALF_LIFE_S * math.log(2)
         self._rate_at = now
         self._changed()
-        return Slot(self, waited_s)
+        return Slot(self, waited_s, tenant)
 
     def _decayed_rate(self, now: float) -> float:
         return self._rate * 0.5 ** ((now - self._rate_at) / RATE_HALF_LIFE_S)
 
-    def _release(self) -> None:
+    def _release(self, tenant: str) -> None:
         self.inflight -= 1
+        if (held := self._held.get(tenant, 0) - 1) > 0:
+            self._held[tenant] = held
+        else:
+            self._held.pop(tenant, None)
         self._paused_until = 0.0
         self._pump()
         self._changed()
@@ -271,12 +304,14 @@ class FlowController:
             if w is None:
                 break
             self.waiting -= 1
-            w.future.set_result(self._grant(self.clock() - w.arrival))
+            w.future.set_result(self._grant(self.clock() - w.arrival, w.tenant))
 
     def _next(self) -> _Waiter | None:
+        """The next waiter to dispatch: highest band first; inside it, round-robin over the tenants
+        still within their share (a band whose tenants all hold their share lets a lower one through)."""
         for priority in sorted(self._bands):
             band = self._bands[priority]
-            w = band.pop()
+            w = band.pop(self._within_share)
             if not band.tenants:
                 del self._bands[priority]
             if w is not None:

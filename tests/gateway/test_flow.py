@@ -164,3 +164,33 @@ async def test_retry_after_is_the_measured_drain_time():
     await asyncio.gather(*waiting, return_exceptions=True)
     if held is not None:
         held.release()
+
+
+async def test_no_tenant_holds_more_than_its_share_of_the_room():
+    flow = flow_with_room(16)  # share 7/8: 14 slots for one tenant, 2 kept for the others
+    a = [flow.try_admit(tenant="A") for _ in range(14)]
+    assert all(s is not None for s in a) and flow.try_admit(tenant="A") is None
+    (a_waits,) = await queued(flow, 1, tenant="A")
+    b = flow.try_admit(tenant="B")  # a newcomer starts at once, though A waits
+    assert b is not None and not a_waits.done()
+    b.release()
+    assert not a_waits.done()  # B's slot does not go to A beyond its share
+    a[0].release()
+    (await a_waits).release()
+    for slot in a[1:]:
+        slot.release()
+    assert flow.inflight == 0
+
+
+async def test_a_tenant_at_its_share_lets_the_next_tenant_and_band_through():
+    flow = flow_with_room(8)  # share: 7
+    held = [flow.try_admit(tenant="A") for _ in range(7)]
+    (high_a,) = await queued(flow, 1, tenant="A", priority=0)
+    (low_b,) = await queued(flow, 1, tenant="B", priority=9)
+    slot = await low_b  # the last slot goes to B's lower band: A is at its share
+    assert not high_a.done()
+    held[0].release()
+    (await high_a).release()
+    slot.release()
+    for s in held[1:]:
+        s.release()
