@@ -52,6 +52,20 @@ class FlowConfig:
     max_tenant_share: float = 0.875
 
 
+class Arrival:
+    """A request between its arrival and the queue (`FlowController.arrive`); `done()` is idempotent."""
+
+    __slots__ = ("_flow",)
+
+    def __init__(self, flow: FlowController) -> None:
+        self._flow: FlowController | None = flow
+
+    def done(self) -> None:
+        if self._flow is not None:
+            self._flow.arriving -= 1
+            self._flow = None
+
+
 class Slot:
     """Room for one request on the workers, from dispatch until `release()` (idempotent)."""
 
@@ -126,6 +140,7 @@ class FlowController:
         self.inflight = 0  # slots held
         self._held: dict[str, int] = {}  # slots held by tenant
         self.waiting = 0  # live waiters
+        self.arriving = 0  # requests being tokenized on their way to the queue (arrive())
         self._bands: dict[int, _Band] = {}
         self._workers: dict[str, _Worker] = {}
         self._paused_until = 0.0  # a worker answered `overloaded`: hold dispatches until a release
@@ -156,13 +171,20 @@ class FlowController:
         return max(1, total)
 
     # -- requests ------------------------------------------------------------------------------------
-    def check_room(self) -> None:
-        """Raise the 429 a request would get at once because the queue is full, before any work is
-        spent on it (the gateway calls this on arrival, ahead of tokenization)."""
-        if self.waiting >= self.config.max_queue and not self._has_room():
-            self.counts["rejected_full"] += 1
-            self._changed()
-            raise self._full()
+    def arrive(self) -> Arrival:
+        """Count a request from its arrival (ahead of its tokenization) toward the queue's bound, or
+        raise the 429 it will get anyway: the requests already waiting or still on their way there
+        fill the queue beyond the room the workers have. A burst's excess is refused at once, before
+        any work is spent on it. `Arrival.done()` when it reaches the queue (or fails before)."""
+        cap = self.capacity()
+        if cap is not None:
+            room = max(0, cap - self.inflight)
+            if self.waiting + self.arriving >= self.config.max_queue + room:
+                self.counts["rejected_full"] += 1
+                self._changed()
+                raise self._full()
+        self.arriving += 1
+        return Arrival(self)
 
     def _full(self) -> GatewayError:
         return GatewayError.overloaded(

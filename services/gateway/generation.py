@@ -28,7 +28,7 @@ from kvmesh.schemas.messages import (
 from kvmesh.services.gateway.control import tokenizer_try_timeout
 from kvmesh.services.gateway.dispatch import Dispatcher, Submission
 from kvmesh.services.gateway.errors import GatewayError
-from kvmesh.services.gateway.flow import FlowController, Slot
+from kvmesh.services.gateway.flow import Arrival, FlowController, Slot
 from kvmesh.services.gateway.flow_metrics import QUEUE_TIME
 from kvmesh.services.gateway.params import (
     GenerationParams,
@@ -134,7 +134,21 @@ class Generator:
 
     async def start(self, request_id: str, prompt: PromptInput, params: GenerationParams) -> RunningRequest:
         arrival = asyncio.get_running_loop().time()
-        self.flow.check_room()  # a full queue answers 429 before the prompt is even tokenized
+        # A request the queue has no place for is refused now, before its prompt is even tokenized.
+        on_the_way = self.flow.arrive()
+        try:
+            return await self._start(request_id, prompt, params, arrival, on_the_way)
+        finally:
+            on_the_way.done()
+
+    async def _start(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: GenerationParams,
+        arrival: float,
+        on_the_way: Arrival,
+    ) -> RunningRequest:
         cap = self.limits.max_tokens_cap
         if cap and params.max_tokens is not None and params.max_tokens > cap:
             raise GatewayError.invalid(
@@ -176,6 +190,7 @@ class Generator:
         )
         submission = Submission(route_req, gen_req)
         await self.watch_workers()
+        on_the_way.done()  # from here it counts as waiting (or dispatched)
         attempt, slot = await self._dispatch(submission, params, arrival)
         # The request's timeouts count from here: its wait in the queue has a bound of its own (the
         # TTL), and a burst's last requests must not reach a worker with their first-token time spent.

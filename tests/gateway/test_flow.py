@@ -102,17 +102,23 @@ async def test_a_full_queue_is_429_with_retry_after():
     (await waiting[1]).release()
 
 
-async def test_a_full_queue_is_refused_on_arrival_before_any_work():
-    flow = flow_with_room(1, max_queue=1)
-    flow.check_room()  # room on the workers: nothing to refuse
-    held = flow.try_admit()
-    flow.check_room()  # the queue has room
-    (waiting,) = await queued(flow, 1)
+async def test_a_burst_beyond_room_and_queue_is_refused_on_arrival_before_any_work():
+    flow = flow_with_room(2, max_queue=1)
+    on_the_way = [flow.arrive() for _ in range(3)]  # 2 will find room, 1 a place in the queue
     with pytest.raises(GatewayError) as err:
-        flow.check_room()
+        flow.arrive()  # still being tokenized, the first three already fill room and queue
     assert err.value.status == 429 and flow.counts["rejected_full"] == 1
+    on_the_way[0].done()
+    on_the_way[0].done()  # idempotent
+    held = flow.try_admit()  # the first reaches the workers
+    assert held is not None and flow.arriving == 2
+    with pytest.raises(GatewayError):
+        flow.arrive()  # 1 room left + 1 queue place, 2 still on their way
+    for a in on_the_way[1:]:
+        a.done()
+    assert flow.arriving == 0
+    flow.arrive().done()  # places again
     held.release()
-    (await waiting).release()
 
 
 async def test_no_queue_means_429_as_soon_as_the_workers_are_full():
