@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 
 from kvmesh.schemas.messages import WorkerStats
 from kvmesh.services.gateway.errors import GatewayError
+from kvmesh.services.gateway.readiness import MISSED_BEATS, SERVING_ROLES  # the same rule as /ready
 
 DEFAULT_MAX_RUNNING = 64  # a worker that does not report its bound (older or simulated): the engine's default
-SERVING_ROLES = frozenset({"aggregated", "decode"})
-MISSED_BEATS = 3  # silent this many heartbeat intervals, a worker no longer counts (as the router)
 RATE_HALF_LIFE_S = 10.0  # the drain-rate estimate forgets a dispatch's weight after this long, by half
 
 
