@@ -10,7 +10,9 @@ own replica in memory (libs/memory_index.py). Both are a `BlockIndex`, both fed 
   batch, a batch seen again (a publish retried after its ack was lost) is skipped, and a gap drops
   the worker's entries (they may be wrong) until its next events rebuild them;
 - a worker silent for three heartbeat intervals is dropped; one known only from its events (replayed
-  after its death) gets `silent_worker_s` to be heard.
+  after its death) gets `silent_worker_s` to be heard;
+- a worker whose batches carry another KV contract (libs/kv_contract.py; a `ContractGate` given) is
+  not indexed: its keys could never match the prompts' hashes.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from typing import Literal
 import msgspec
 
 from kvmesh.libs.bus import decode
-from kvmesh.libs.engine.block_hash import BlockHash, hash_block, root_hash
+from kvmesh.libs.engine.block_hash import BlockHash, hash_block, root_hash, salted_extra_keys
+from kvmesh.libs.kv_contract import ContractGate
 from kvmesh.schemas.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KVEventBatch
+from kvmesh.schemas.messages import KVContract
 
 log = logging.getLogger(__name__)
 
 MISSED_BEATS = 3  # a worker is dropped after this many heartbeat intervals of silence
 
-BatchOutcome = Literal["applied", "resynced", "repeated", "malformed"]
+BatchOutcome = Literal["applied", "resynced", "repeated", "malformed", "refused"]
 
 
 class BlockIndex(ABC):
@@ -61,11 +65,15 @@ class BlockIndex(ABC):
             parent = known
         bs = ev.block_size
         blocks = []
+        # a salted prompt's first block: its salt is the last of its extra keys (vLLM's layout)
+        first = ev.extra_keys[0] if ev.parent_block_hash is None and ev.extra_keys else None
+        first_keys = salted_extra_keys(self.extra_keys, first[-1]) if first else None
         for i, engine_hash in enumerate(ev.block_hashes):
             tokens = ev.token_ids[i * bs : (i + 1) * bs]
             if len(tokens) < bs:
                 break
-            parent = hash_block(parent, tokens, self.extra_keys, self.seed)
+            keys = first_keys if i == 0 and first_keys else self.extra_keys
+            parent = hash_block(parent, tokens, keys, self.seed)
             blocks.append((engine_hash, parent))
         if blocks:
             await self.add(worker, blocks, ts)
@@ -99,21 +107,36 @@ class KVEventFeed:
     """Feeds one `BlockIndex` in order: per-worker sequence checks, then the batch; tracks which
     workers are alive (heartbeats) and drops the others' entries on `expire()`."""
 
-    def __init__(self, index: BlockIndex, silent_worker_s: float = 10.0) -> None:
+    def __init__(
+        self, index: BlockIndex, silent_worker_s: float = 10.0, gate: ContractGate | None = None
+    ) -> None:
         self.index = index
         self.silent_worker_s = silent_worker_s
+        self.gate = gate
+        self.refused: dict[str, str] = {}  # worker -> the KV contract field its batches differ in
         self.next_seq: dict[str, int] = {}  # worker -> the sequence number its next batch must carry
         self.last_beat: dict[str, tuple[float, float]] = {}  # worker -> (monotonic time, interval)
         self.resyncs = 0  # workers dropped for a gap in their sequence numbers
 
-    async def on_batch(self, worker: str, seq: int, data: bytes) -> BatchOutcome:
-        """Apply one batch (the worker's `seq`-th) unless it repeats one; a gap first drops the worker."""
+    async def on_batch(
+        self, worker: str, seq: int, data: bytes, contract: KVContract | None = None
+    ) -> BatchOutcome:
+        """Apply one batch (the worker's `seq`-th) unless it repeats one; a gap first drops the worker.
+        `contract`: the publisher's KV contract (its batch header), checked against the gate's."""
         try:
             batch = decode(data, KVEventBatch)
         except msgspec.DecodeError as exc:
             log.warning("dropped a malformed KV event batch from %s: %s", worker, exc)
             return "malformed"
         self.expect(worker)
+        if self.gate is not None and (reason := self.gate.check(contract)) is not None:
+            if self.refused.get(worker) != reason:
+                self.refused[worker] = reason
+                log.warning("not indexing %s: its KV contract differs in %s", worker, reason)
+                await self.index.clear_worker(worker)
+            self.next_seq[worker] = seq + 1
+            return "refused"
+        self.refused.pop(worker, None)
         outcome: BatchOutcome = "applied"
         expected = self.next_seq.get(worker)
         if seq != 0 and expected is not None and seq != expected:

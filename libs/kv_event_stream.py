@@ -23,7 +23,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig, StreamInfo
 from nats.js.errors import NotFoundError
 
 from kvmesh.libs.bus import Bus
-from kvmesh.schemas.messages import Subjects
+from kvmesh.libs.kv_contract import CONTRACT_HEADER, parse_contract_header
+from kvmesh.schemas.messages import KVContract, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ def batch_origin(msg: Msg) -> tuple[str, int | None]:
     except ValueError:
         log.warning("dropped KV events of %s with a bad sequence header", worker)
         return worker, None
+
+
+def batch_contract(msg: Msg) -> KVContract | None:
+    """The publisher's KV contract (libs/kv_contract.py), None when its batches carry none."""
+    return parse_contract_header((msg.headers or {}).get(CONTRACT_HEADER))
 
 
 class ReconnectWatch:

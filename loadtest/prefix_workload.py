@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 
 from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
+from kvmesh.libs.kv_contract import hash_namespace
 
 TOKEN_LO, TOKEN_HI = 1000, 40000  # ordinary tokens of SmolLM2's vocabulary (no special ids)
 
@@ -60,7 +61,7 @@ class TraceRequest:
 def build_trace(spec: WorkloadSpec) -> list[TraceRequest]:
     rng = random.Random(spec.seed)
     bs = spec.block_size
-    extra = encode_extra_keys(spec.model)
+    extra = encode_extra_keys(hash_namespace(spec.model))
     seed = hash_seed(None)
 
     def tokens(n: int) -> list[int]:

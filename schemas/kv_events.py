@@ -7,6 +7,8 @@ The block pool records these; the worker drains and publishes them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 SCHEMA_VERSION = 1
@@ -27,6 +29,11 @@ class BlockStored(KVCacheEvent):
     block_size: int
     lora_id: int | None = None
     medium: str | None = "cpu"  # storage tier the blocks live in
+    lora_name: str | None = None  # vLLM's field, in vLLM's place (kvmesh serves no LoRA yet)
+    # Per block, the extra keys beyond the publisher's namespace (vLLM's layout: None for a block
+    # without any). A salted prompt's first block carries its cache salt as the last key: the
+    # index needs it to re-derive that block's key (block_hash.py); later blocks inherit it by chain.
+    extra_keys: list[tuple[Any, ...] | None] | None = None
 
 
 class BlockRemoved(KVCacheEvent):

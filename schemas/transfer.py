@@ -44,6 +44,7 @@ class PrefillRequest(Message, tag=_tag("PrefillRequest")):
 
     request_id: str
     token_ids: list[int]  # a multiple of the block size
+    cache_salt: str | None = None  # the request's (GenerateRequest.cache_salt): hashed as it is there
 
 
 class PrefillReply(Message, tag=_tag("PrefillReply")):

@@ -1,8 +1,11 @@
 """The prefix-cache block hash: one pure function, identical in every process and on every machine.
 
 h_i = xxh3_64(seed, h_{i-1} || tokens of block i || extra keys). Chained, so a block's hash names its
-whole prefix; seeded and independent of Python's salted hash(); extra keys (model name, later LoRA and
-a per-tenant cache salt) keep namespaces apart. Only full blocks are hashed.
+whole prefix; seeded and independent of Python's salted hash(); extra keys (the model's name, later
+LoRA) keep namespaces apart. A request's cache salt is an extra key of its first block only (vLLM's
+rule): the chain carries it to every later block, so a salted prompt shares no block with an unsalted
+or differently salted one. Only full blocks are hashed. Which block size, seed and namespace a
+process hashes with is its KV contract (libs/kv_contract.py).
 """
 
 from __future__ import annotations
@@ -49,11 +52,24 @@ def hash_blocks(
     extra_keys: bytes,
     seed: int,
     parent: BlockHash | None = None,
+    first_extra_keys: bytes | None = None,
 ) -> list[BlockHash]:
-    """Chained hashes of every full block of `tokens` (a trailing partial block is not hashed)."""
+    """Chained hashes of every full block of `tokens` (a trailing partial block is not hashed).
+    `first_extra_keys` (a salted request's, see salted_extra_keys) replaces `extra_keys` for the
+    prompt's first block; it only applies when the chain starts at the root (`parent` None)."""
     out: list[BlockHash] = []
     prev = root_hash(seed) if parent is None else parent
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        prev = hash_block(prev, tokens[start : start + block_size], extra_keys, seed)
+        keys = first_extra_keys if start == 0 and parent is None and first_extra_keys else extra_keys
+        prev = hash_block(prev, tokens[start : start + block_size], keys, seed)
         out.append(prev)
     return out
+
+
+def salted_extra_keys(extra_keys: bytes, cache_salt: str | None) -> bytes | None:
+    """The extra keys of a salted prompt's first block, from its namespace's `extra_keys` (None:
+    unsalted, the first block hashes like any other)."""
+    if not cache_salt:
+        return None
+    model, lora, _ = msgspec.msgpack.decode(extra_keys)
+    return encode_extra_keys(model, lora, cache_salt)

@@ -4,7 +4,9 @@ A block is in exactly one state:
 - used:   ref_cnt > 0 (held by one or more running requests);
 - cached: ref_cnt == 0, has a hash, sits in the free list (evicted lazily, only when reused);
 - free:   ref_cnt == 0, no hash, sits in the free list.
-Blocks freed earlier are reused first (LRU). The pool records KV events; its owner drains them.
+Free blocks holding no prefix are reused first (they join the free list's head), then cached ones,
+least recently freed first (LRU: they join its tail), so a new allocation never evicts a reusable
+prefix while a useless block waits. The pool records KV events; its owner drains them.
 """
 
 from __future__ import annotations
@@ -52,12 +54,18 @@ class FreeBlockQueue:
         self.num_free -= 1
 
     def append(self, block: KVBlock) -> None:
-        last = self._tail.prev_free
-        assert last is not None
-        last.next_free = block
-        block.prev_free = last
-        block.next_free = self._tail
-        self._tail.prev_free = block
+        self._insert_after(self._tail.prev_free, block)
+
+    def appendleft(self, block: KVBlock) -> None:
+        self._insert_after(self._head, block)
+
+    def _insert_after(self, prev: KVBlock | None, block: KVBlock) -> None:
+        assert prev is not None and prev.next_free is not None
+        nxt = prev.next_free
+        prev.next_free = block
+        block.prev_free = prev
+        block.next_free = nxt
+        nxt.prev_free = block
         self.num_free += 1
 
     def __iter__(self):
@@ -118,13 +126,17 @@ class BlockPool:
             b.ref_cnt += 1
 
     def free_blocks(self, blocks: list[KVBlock]) -> None:
-        """Drop one reference each; blocks reaching 0 go to the free list's tail in the given order
-        (callers pass a request's blocks tail-first so its prefix outlives its suffix)."""
+        """Drop one reference each. Blocks reaching 0 that hold no prefix go to the free list's head
+        (reused first: they are worth nothing); cached ones to its tail in the given order (callers
+        pass a request's blocks tail-first so its prefix outlives its suffix)."""
         for b in blocks:
             b.ref_cnt -= 1
             assert b.ref_cnt >= 0, f"block {b.block_id} freed twice"
             if b.ref_cnt == 0:
-                self.free_queue.append(b)
+                if b.block_hash is None:
+                    self.free_queue.appendleft(b)
+                else:
+                    self.free_queue.append(b)
 
     def cache_full_blocks(
         self,
@@ -132,26 +144,30 @@ class BlockPool:
         hashes: list[BlockHash],
         parent: BlockHash | None,
         token_ids: list[int],
+        extra_keys: list[tuple | None] | None = None,
     ) -> None:
-        """Register newly filled blocks under their hashes and record one BlockStored event.
-        A hash already cached by another block leaves this block uncached (it is freed as plain)."""
+        """Register newly filled blocks under their hashes and record one BlockStored event
+        (`extra_keys`: per block, as BlockStored carries them). A hash already cached by another
+        block leaves this block uncached (it is freed as plain); the event still lists it, so that
+        its hashes line up with its token ids (the pool holds that hash, through the other block)."""
         if not self.enable_caching or not blocks:
             return
-        stored: list[int] = []
+        new = 0
         for b, h in zip(blocks, hashes, strict=True):
             assert b.block_hash is None, f"block {b.block_id} is cached already"
             if h in self.cached:
                 continue
             b.block_hash = h
             self.cached[h] = b
-            stored.append(h)
-        if stored:
+            new += 1
+        if new:
             self._events.append(
                 BlockStored(
-                    block_hashes=stored,
+                    block_hashes=list(hashes),
                     parent_block_hash=parent,
                     token_ids=token_ids,
                     block_size=self.block_size,
+                    extra_keys=extra_keys,
                 )
             )
 

@@ -33,9 +33,10 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
-    def can_fit(self, num_tokens: int) -> bool:
-        """Whether a request of this many tokens could ever fit in the whole pool."""
-        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens one request could ever hold: the whole pool."""
+        return self.pool.num_blocks * self.block_size
 
     def allocate_slots(self, req: Request, num_new_tokens: int, hits: list[KVBlock] | None = None) -> bool:
         """Make room for `num_new_tokens` more tokens (after any prefix `hits`). False if the pool
@@ -61,11 +62,14 @@ class KVCacheManager:
             return
         hashes = req.update_block_hashes(self.block_size)
         first = req.num_cached_blocks
+        # a salted prompt's first block says its salt: an index re-derives that block's key with it
+        salted = first == 0 and req.cache_salt
         self.pool.cache_full_blocks(
             req.blocks[first:num_full],
             hashes[first:num_full],
             parent=hashes[first - 1] if first else None,
             token_ids=req.token_ids[first * self.block_size : num_full * self.block_size],
+            extra_keys=[(req.cache_salt,), *[None] * (num_full - 1)] if salted else None,
         )
         req.num_cached_blocks = num_full
 

@@ -55,11 +55,12 @@ class TransferBlocks:
         hashes: list[BlockHash],
         parent: BlockHash | None,
         token_ids: list[int],
+        extra_keys: list[tuple | None] | None = None,
     ) -> None:
         """The pulled bytes are in place: register the blocks as cached full blocks and let them go
-        idle (ref 0, most recently used: evicted last)."""
+        idle (ref 0, most recently used: evicted last). `extra_keys`: per block, for the event."""
         blocks = self.reserved.pop(transfer_id)
-        self.pool.cache_full_blocks(blocks, hashes, parent, token_ids)
+        self.pool.cache_full_blocks(blocks, hashes, parent, token_ids, extra_keys)
         self.pool.free_blocks(blocks[::-1])
 
     def cancel(self, transfer_id: str) -> None:

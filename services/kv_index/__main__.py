@@ -35,16 +35,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     args = start_service("kv-index", add_args)
     from kvmesh.libs.credentials import redis_client
-    from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
-    from kvmesh.libs.engine.model_store import resolve_model
+    from kvmesh.libs.engine.block_hash import encode_extra_keys
+    from kvmesh.libs.kv_contract import ContractGate
     from kvmesh.services.kv_index.index import KVIndex
     from kvmesh.services.kv_index.service import KVIndexService
 
-    extra = encode_extra_keys(resolve_model(args.model).name)  # the namespace the tokenizer hashes in
+    # The KV contract the tokenizer hashes in: this model's namespace, KVMESH_HASH_SEED; the block
+    # size is the workers' (a worker hashing otherwise is not indexed).
+    gate = ContractGate.for_model(args.model)
+    extra = encode_extra_keys(gate.namespace)
     # bounded waits: a hung Redis must fail the query (the router then routes by load), not stall it
     redis = redis_client(args.redis_url, socket_connect_timeout=2, socket_timeout=5)  # KVMESH_REDIS_*
     service = KVIndexService(
-        KVIndex(redis, extra, hash_seed(None)), args.replica_id, args.lease_s, args.silent_worker_s
+        KVIndex(redis, extra, gate.seed), args.replica_id, args.lease_s, args.silent_worker_s, gate
     )
 
     async def close() -> None:

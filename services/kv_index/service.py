@@ -35,16 +35,18 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from kvmesh.libs.bus import Bus
+from kvmesh.libs.kv_contract import ContractGate
 from kvmesh.libs.kv_event_feed import BatchOutcome, KVEventFeed
 from kvmesh.libs.kv_event_stream import (
     ReconnectWatch,
     StreamReader,
+    batch_contract,
     batch_origin,
     ensure_stream,
     every,
     stream_info,
 )
-from kvmesh.schemas.messages import ErrorReply, Heartbeat, OverlapReply, OverlapRequest, Subjects
+from kvmesh.schemas.messages import ErrorReply, Heartbeat, KVContract, OverlapReply, OverlapRequest, Subjects
 from kvmesh.services.kv_index.index import KVIndex
 from kvmesh.services.kv_index.lease import Lease
 
@@ -79,13 +81,14 @@ class KVIndexService:
         replica_id: str = "",
         lease_s: float = 3.0,
         silent_worker_s: float = 10.0,
+        gate: ContractGate | None = None,
     ) -> None:
         self.index = index
         self.replica_id = replica_id or default_replica_id()
         self.lease = Lease(index.redis, self.replica_id, lease_s)
         self.tick_s = lease_s / 4  # renew well before the lease runs out
         # per-worker sequence checks and liveness, shared with the router's local replica
-        self.feed = KVEventFeed(index, silent_worker_s)
+        self.feed = KVEventFeed(index, silent_worker_s, gate)
         self.rebuilds = 0  # replays from the stream's start into an index with no recorded progress
         self._leader = False
         self.applied_seq = 0  # last stream sequence applied (while leader)
@@ -110,8 +113,10 @@ class KVIndexService:
         LEADER.set(int(value))
 
     # -- events ------------------------------------------------------------------------------------
-    async def on_batch(self, worker: str, seq: int, data: bytes) -> BatchOutcome:
-        outcome = await self.feed.on_batch(worker, seq, data)
+    async def on_batch(
+        self, worker: str, seq: int, data: bytes, contract: KVContract | None = None
+    ) -> BatchOutcome:
+        outcome = await self.feed.on_batch(worker, seq, data, contract)
         if outcome == "resynced":
             RESYNCS.inc()
         return outcome
@@ -125,7 +130,7 @@ class KVIndexService:
         try:
             if seq is not None:
                 try:
-                    await self.on_batch(worker, seq, msg.data)
+                    await self.on_batch(worker, seq, msg.data, batch_contract(msg))
                 except (RedisError, OSError):
                     raise
                 except Exception:  # a bug, not a fault: skip the batch rather than stall the index

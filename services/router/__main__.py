@@ -46,6 +46,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         parser,
+        "--block-size",
+        "KVMESH_BLOCK_SIZE",
+        0,
+        "the KV block size workers must have (0: the first worker's; workers publish theirs)",
+    )
+    add_flag(
+        parser,
         "--warmup-s",
         "KVMESH_ROUTER_WARMUP_S",
         2.0,
@@ -56,6 +63,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     args = start_service("router", add_args)
     from kvmesh.libs.engine.block_hash import encode_extra_keys
+    from kvmesh.libs.kv_contract import hash_namespace
     from kvmesh.libs.metrics import model_label
     from kvmesh.services.router.scoring import make_scorer
     from kvmesh.services.router.service import RouterConfig, RouterService
@@ -68,7 +76,9 @@ def main() -> None:
         index=args.index,
         index_redis_url=args.redis_url if args.index == "redis" else None,
         # the namespace the tokenizer hashes in: the model's name (its folder's, for a path)
-        index_extra_keys=encode_extra_keys(model_label(args.model)),
+        index_extra_keys=encode_extra_keys(hash_namespace(args.model)),
+        hash_namespace=hash_namespace(args.model),
+        block_size=args.block_size,
         silent_worker_s=args.silent_worker_s,
         warmup_s=args.warmup_s,
     )

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from kvmesh.libs.kv_contract import DEFAULT_BLOCK_SIZE
 from kvmesh.services.router.workers import WorkerInfo
 
 
@@ -26,7 +27,7 @@ class PrefillChoice(NamedTuple):
 class PrefillPolicy:
     min_remote_tokens: int = 512  # uncached prompt tokens on the decode worker below which: local
     max_queue_tokens: int = 16384  # a prefill worker with more outstanding tokens counts as saturated
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE  # the router sets the workers' (their KV contract)
 
     def choose(
         self,

@@ -21,8 +21,16 @@ import logging
 
 from kvmesh.libs.bus import Bus
 from kvmesh.libs.engine.block_hash import hash_seed
+from kvmesh.libs.kv_contract import ContractGate
 from kvmesh.libs.kv_event_feed import KVEventFeed
-from kvmesh.libs.kv_event_stream import ReconnectWatch, StreamReader, batch_origin, every, stream_info
+from kvmesh.libs.kv_event_stream import (
+    ReconnectWatch,
+    StreamReader,
+    batch_contract,
+    batch_origin,
+    every,
+    stream_info,
+)
 from kvmesh.libs.memory_index import MemoryBlockIndex
 
 log = logging.getLogger(__name__)
@@ -30,10 +38,15 @@ log = logging.getLogger(__name__)
 
 class LocalIndex:
     def __init__(
-        self, extra_keys: bytes, seed: int | None = None, silent_worker_s: float = 10.0, tick_s: float = 0.25
+        self,
+        extra_keys: bytes,
+        seed: int | None = None,
+        silent_worker_s: float = 10.0,
+        tick_s: float = 0.25,
+        gate: ContractGate | None = None,  # the router's: a worker it refuses is not indexed either
     ) -> None:
         self.index = MemoryBlockIndex(extra_keys, hash_seed(seed))
-        self.feed = KVEventFeed(self.index, silent_worker_s)
+        self.feed = KVEventFeed(self.index, silent_worker_s, gate)
         self.reader = StreamReader(self._on_message)
         self.tick_s = tick_s
         self.applied_seq = 0  # last stream sequence applied
@@ -118,7 +131,7 @@ class LocalIndex:
         worker, seq = batch_origin(msg)
         if seq is not None:
             try:
-                await self.feed.on_batch(worker, seq, msg.data)
+                await self.feed.on_batch(worker, seq, msg.data, batch_contract(msg))
             except Exception:  # a bug, not a fault: skip the batch rather than stall the replica
                 log.exception("applying KV events of %s failed: skipped them", worker)
         self.applied_seq = sseq

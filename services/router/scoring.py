@@ -17,6 +17,7 @@ import bisect
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from kvmesh.libs.kv_contract import DEFAULT_BLOCK_SIZE
 from kvmesh.schemas.messages import RouteRequest
 from kvmesh.services.router.workers import WorkerInfo
 
@@ -62,7 +63,7 @@ class KVAwareScorer:
     """cost = prefill_weight * prompt tokens not cached on the worker + load_weight * its
     outstanding tokens - session_bonus (if the session's last turn ran there)."""
 
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE  # the router sets the workers' (their KV contract)
     prefill_weight: float = 1.0
     load_weight: float = 1.0
     session_bonus: float = 256.0

@@ -1,6 +1,13 @@
 """Router service: picks a worker per request from prefix overlap (the KV index), load (heartbeats)
 and session affinity. Without the index it keeps routing by load and reports itself degraded.
 
+Overlaps count blocks; the block size they are worth, like the hash seed and namespace, is the KV
+contract (libs/kv_contract.py): the router's namespace and seed are its own, its block size pinned
+(`--block-size`) or adopted from the first worker heard. A worker whose heartbeat publishes another
+contract is refused (logged, `kvmesh:router_workers_refused_total{reason}`): its cache could only be
+mis-scored. A request hashed with another block size (a tokenizer that has not heard the workers
+yet) is routed by load.
+
 The index is read from one of three places (`RouterConfig.index`): the kv-index service over NATS,
 its Redis directly, or the router's own in-memory replica fed by the KV event stream (local_index.py).
 """
@@ -12,16 +19,18 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
 from kvmesh.libs.bus import RECONNECT_SETTLE_S, Bus, BusError
+from kvmesh.libs.kv_contract import ContractGate, describe
 from kvmesh.libs.metrics import RouterMetrics
 from kvmesh.libs.prefix_index import PrefixIndexReader
 from kvmesh.schemas.messages import (
     ErrorReply,
     Heartbeat,
+    KVContract,
     OverlapReply,
     OverlapRequest,
     OverlapResult,
@@ -30,6 +39,7 @@ from kvmesh.schemas.messages import (
     RouterHealth,
     RouterHealthRequest,
     Subjects,
+    WorkerStats,
 )
 from kvmesh.services.router.disagg import PrefillPolicy
 from kvmesh.services.router.local_index import LocalIndex
@@ -57,6 +67,10 @@ class RouterConfig:
     index: str = ""
     index_redis_url: str | None = None
     index_extra_keys: bytes = b""  # local: the hash namespace (encode_extra_keys of the model name)
+    # The KV contract workers are held to (libs/kv_contract.py): the namespace ('' : the first
+    # worker's) and the block size (0: the first worker's); the hash seed is KVMESH_HASH_SEED's.
+    hash_namespace: str = ""
+    block_size: int = 0
     silent_worker_s: float = 10.0  # local: a worker known only from its events is dropped after this
     # Heartbeats heard before the route subscription: a router that took routes at once (a restarted
     # replica) answered "no workers" to its share until the first beats came (1 s apart by default).
@@ -81,9 +95,13 @@ class RouterService:
         self.bus: Bus | None = None
         self._forgiven = 0.0  # the bus reconnect whose silence the registry was told to ignore
         self.metrics = RouterMetrics(config.model_name)
+        self.gate = ContractGate(config.hash_namespace or None, None, config.block_size, self._use_contract)
+        self.refused: dict[str, str] = {}  # worker id -> why its contract was refused
+        self._foreign_block_sizes: set[int] = set()  # request block sizes already warned about
         self.prefill_policy = PrefillPolicy(
-            config.disagg_min_tokens, config.disagg_max_queue_tokens, getattr(self.scorer, "block_size", 16)
+            config.disagg_min_tokens, config.disagg_max_queue_tokens, self.gate.block_size
         )
+        self._use_contract(self.gate.contract)
         self.index_reader: PrefixIndexReader | None = None
         self.local_index: LocalIndex | None = None
         mode = config.index_mode
@@ -95,9 +113,42 @@ class RouterService:
             redis = redis_client(config.index_redis_url, socket_connect_timeout=1, socket_timeout=1)
             self.index_reader = PrefixIndexReader(redis)
         elif mode == "local":
-            self.local_index = LocalIndex(config.index_extra_keys, silent_worker_s=config.silent_worker_s)
+            self.local_index = LocalIndex(
+                config.index_extra_keys, silent_worker_s=config.silent_worker_s, gate=self.gate
+            )
         elif mode != "kv-index":
             raise ValueError(f"unknown index {mode!r} (choose from kv-index, redis, local)")
+
+    def _use_contract(self, contract: KVContract | None) -> None:
+        """Score overlaps in the contract's blocks (adopted from the first worker, or pinned)."""
+        if contract is None:
+            return
+        if isinstance(self.scorer, KVAwareScorer):
+            self.scorer = replace(self.scorer, block_size=contract.block_size)
+        self.prefill_policy = replace(self.prefill_policy, block_size=contract.block_size)
+
+    def admit(self, stats: WorkerStats) -> bool:
+        """Whether a worker's heartbeat is taken: its KV contract is the router's. A refusal is logged
+        and counted once per worker and reason, and drops the worker if it was taken before."""
+        wid = stats.worker_id
+        reason = self.gate.check(stats.kv_contract)
+        if reason is None:
+            if self.refused.pop(wid, None) is not None:
+                log.info("worker %s now matches the KV contract: taken", wid)
+            return True
+        if self.refused.get(wid) != reason:
+            self.refused[wid] = reason
+            self.metrics.refused(reason)
+            assert stats.kv_contract is not None  # a worker without one is always taken
+            log.warning(
+                "refused worker %s: its KV contract differs in %s (worker: %s; router: %s)",
+                wid,
+                reason,
+                describe(stats.kv_contract),
+                self.gate.expectation(),
+            )
+        self.registry.drop(wid)
+        return False
 
     def _index_answers(self, ok: bool, what: str) -> None:
         """Record (and log when it changes) whether the index answered."""
@@ -169,7 +220,8 @@ class RouterService:
         prefill_pool = [w for w in workers if w.stats.role == "prefill"]
         if not live:
             return ErrorReply(code="no_workers", message="no live worker can take the request")
-        overlap = await self.overlap(req) if len(workers) > 1 else {}
+        overlap = await self.overlap(req) if len(workers) > 1 and self._same_blocks(req) else {}
+        block = self.gate.block_size
         session_worker = self.sessions.get(req.session_id) if req.session_id else None
         self.scorer.begin(req, live)
         costs = self.scorer.costs(req, live, overlap, session_worker)
@@ -178,8 +230,10 @@ class RouterService:
         wid = choice.stats.worker_id
         choice_score = self.scorer.score(req, choice, overlap.get(wid, 0), wid == session_worker)
         reason = choice_score.reason if len(live) > 1 else "only"
-        block = getattr(self.scorer, "block_size", 16)
-        cached = min(overlap.get(wid, 0) * block, req.num_tokens)
+        # what the engine will reuse: whole blocks, and never the prompt's last token (it computes
+        # that one for its logits), so the counts equal the worker's own cached_tokens
+        reusable = max(0, req.num_tokens - 1) // block
+        cached = min(overlap.get(wid, 0), reusable) * block
         prefill = self.prefill_policy.choose(
             req.num_tokens, req.num_tokens - cached, prefill_pool, overlap, self.rng
         )
@@ -192,7 +246,7 @@ class RouterService:
             choice.assigned_tokens += block + req.max_tokens  # the last partial block, then decode
         else:
             choice.assigned_tokens += req.num_tokens - cached + req.max_tokens
-        available = min(max(overlap.values(), default=0) * block, req.num_tokens)
+        available = min(max(overlap.values(), default=0), reusable) * block
         self.decisions[reason] = self.decisions.get(reason, 0) + 1
         self.hit_tokens += cached
         self.available_hit_tokens += available
@@ -223,6 +277,21 @@ class RouterService:
             prefill_reason=prefill.reason,
         )
 
+    def _same_blocks(self, req: RouteRequest) -> bool:
+        """Whether the request's hashes are in the contract's block size (0: the sender did not say)."""
+        if not req.block_size or req.block_size == self.gate.block_size:
+            return True
+        if req.block_size not in self._foreign_block_sizes:
+            self._foreign_block_sizes.add(req.block_size)
+            log.warning(
+                "request %s hashed in blocks of %d, the workers' are %d: routed by load (a tokenizer "
+                "that has not heard the workers yet, or one pinned to another block size)",
+                req.request_id,
+                req.block_size,
+                self.gate.block_size,
+            )
+        return False
+
     async def attach(self, bus: Bus) -> None:
         self.bus = bus
 
@@ -234,6 +303,8 @@ class RouterService:
                 self.metrics.decision_seconds.observe(time.perf_counter() - start)
 
         async def on_beat(hb: Heartbeat, _raw) -> None:
+            if not self.admit(hb.stats):
+                return
             self.registry.beat(hb)
             if self.local_index is not None:
                 self.local_index.beat(hb.stats.worker_id, hb.interval_s)

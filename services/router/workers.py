@@ -35,6 +35,10 @@ class WorkerRegistry:
         self.workers[wid] = WorkerInfo(hb.stats, now, hb.interval_s)
         self._next_expiry = min(self._next_expiry, now + MISSED_BEATS * hb.interval_s)
 
+    def drop(self, worker_id: str) -> None:
+        """Forget a worker now (refused: see RouterService.admit)."""
+        self.workers.pop(worker_id, None)
+
     def forgive(self, until: float) -> None:
         """Silence up to `until` (monotonic) does not count: the router itself was cut off from NATS,
         so no heartbeat could reach it; the workers are presumed alive until then."""

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 
+from kvmesh.libs.kv_contract import DEFAULT_BLOCK_SIZE
 from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
 from kvmesh.libs.threads import configure_threads
 
@@ -37,7 +38,9 @@ def main() -> None:
         help="divide every modelled duration by this (0.1: ten times slower than the real engine)",
     )
     parser.add_argument("--num-kv-blocks", type=int, default=env_default("KVMESH_NUM_KV_BLOCKS", 2048))
-    parser.add_argument("--block-size", type=int, default=env_default("KVMESH_BLOCK_SIZE", 16))
+    parser.add_argument(
+        "--block-size", type=int, default=env_default("KVMESH_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+    )
     parser.add_argument("--max-num-seqs", type=int, default=env_default("KVMESH_MAX_NUM_SEQS", 64))
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=env_default("KVMESH_MAX_BATCHED_TOKENS", 512)
@@ -45,7 +48,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=env_default("KVMESH_MAX_MODEL_LEN", 8192))
     parser.add_argument("--vocab-size", type=int, default=env_default("KVMESH_SIM_VOCAB_SIZE", 49152))
     parser.add_argument("--heartbeat-interval", type=float, default=env_default("KVMESH_HEARTBEAT_S", 1.0))
-    parser.add_argument("--kv-event-interval", type=float, default=env_default("KVMESH_KV_EVENT_S", 0.05))
+    parser.add_argument(
+        "--kv-events-interval", type=float, default=env_default("KVMESH_KV_EVENTS_INTERVAL_S", 0.05)
+    )
     parser.add_argument(
         "--max-waiting",
         type=int,
@@ -79,7 +84,7 @@ def main() -> None:
         profile=load_profile(args.profile),
         speedup=args.speedup,
         heartbeat_interval_s=args.heartbeat_interval,
-        kv_event_interval_s=args.kv_event_interval,
+        kv_events_interval_s=args.kv_events_interval,
         workers_per_connection=args.workers_per_connection,
         drain_timeout_s=args.drain_timeout,
         max_waiting=args.max_waiting,

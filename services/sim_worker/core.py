@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import xxhash
 
-from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_seed
+from kvmesh.libs.engine.block_hash import encode_extra_keys, salted_extra_keys
 from kvmesh.libs.engine.block_pool import BlockPool
 from kvmesh.libs.engine.introspection import EngineStats, check_block_refs, engine_stats
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
@@ -29,6 +29,7 @@ from kvmesh.libs.engine.outputs import RequestOutput, request_output
 from kvmesh.libs.engine.request import FinishReason, Request
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams, check_prompt_tokens
 from kvmesh.libs.engine.scheduler import Scheduler, SchedulerOutput
+from kvmesh.libs.kv_contract import DEFAULT_BLOCK_SIZE, kv_contract
 from kvmesh.schemas.kv_events import KVEvent
 from kvmesh.services.sim_worker.timing import TimingProfile
 
@@ -40,7 +41,7 @@ class SimEngineConfig:
     """The engine knobs a simulated worker honours (same meaning and defaults as EngineConfig)."""
 
     model: str = "SmolLM2-135M-Instruct"  # names the block-hash namespace, as the real engine does
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int = 2048
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -70,14 +71,17 @@ class SimCore:
         self.pool = BlockPool(config.num_kv_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.hash_seed = hash_seed(config.hash_seed)
-        self.extra_keys = encode_extra_keys(config.model.rstrip("/").rsplit("/", 1)[-1])
+        self.kv_contract = kv_contract(config.model, config.block_size, config.hash_seed)
+        self.hash_seed = self.kv_contract.hash_seed
+        self.extra_keys = encode_extra_keys(self.kv_contract.hash_namespace)
         self.requests: dict[str, Request] = {}
         self._token_keys: dict[str, int] = {}  # request id -> seed of its output token stream
         self._pending: list[RequestOutput] = []  # abort outputs, delivered with the next step
 
     # -- requests --------------------------------------------------------------------------------
-    def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> Request:
         """Validate and queue a request; raises InvalidRequestError naming the bad field (the real
         engine's checks, minus the ones that need a tokenizer)."""
         if request_id in self.requests:
@@ -85,7 +89,9 @@ class SimCore:
         params.validate()
         if not isinstance(token_ids, list) or not token_ids:
             raise InvalidRequestError("prompt", "must be a non-empty list of token ids")
-        check_prompt_tokens(token_ids, self.config.vocab_size, self.config.max_model_len, self.kv)
+        check_prompt_tokens(
+            token_ids, self.config.vocab_size, self.config.max_model_len, self.kv.capacity_tokens
+        )
         if params.stop_strings:
             raise InvalidRequestError("stop", "stop strings need the engine's tokenizer")
         req = Request(
@@ -94,6 +100,8 @@ class SimCore:
             params=params,
             extra_keys=self.extra_keys,
             hash_seed=self.hash_seed,
+            cache_salt=cache_salt,
+            first_block_keys=salted_extra_keys(self.extra_keys, cache_salt),
             stop_token_ids=tuple(sorted(set(params.stop_token_ids))),
         )
         self.requests[request_id] = req

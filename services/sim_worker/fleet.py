@@ -36,7 +36,7 @@ class FleetConfig:
     profile: TimingProfile
     speedup: float = 1.0  # modelled durations are divided by this (2.0: twice as fast as the real engine)
     heartbeat_interval_s: float = 1.0
-    kv_event_interval_s: float = 0.05
+    kv_events_interval_s: float = 0.05
     workers_per_connection: int = 64
     drain_timeout_s: float = 5.0
     max_waiting: int = 64  # per worker, as WorkerConfig: beyond, generate answers "overloaded" (0: no bound)
@@ -85,7 +85,9 @@ class SimFleet:
                 llm,
             )
             bus = self.buses[i % n_conn]
-            events = KVEventPublisher(bus, wid, llm.take_kv_events, interval_s=cfg.kv_event_interval_s)
+            events = KVEventPublisher(
+                bus, wid, llm.take_kv_events, cfg.kv_events_interval_s, llm.core.kv_contract
+            )
             self.workers.append(SimWorker(service, llm, events))
         await asyncio.gather(*(self._attach(w, self.buses[i % n_conn]) for i, w in enumerate(self.workers)))
         spread = cfg.heartbeat_interval_s / cfg.count
@@ -117,7 +119,7 @@ class SimFleet:
             if stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.kv_event_interval_s)
+                await asyncio.wait_for(stop.wait(), self.config.kv_events_interval_s)
 
     @staticmethod
     async def _attach(w: SimWorker, bus: Bus) -> None:

@@ -68,6 +68,8 @@ class SimLLM(StreamingLLM):
         params: SamplingParams,
         hold_blocks: bool = False,
         before: Callable[[SimCore], object] | None = None,
+        cache_salt: str | None = None,
+        rank: tuple[int, int] = (0, 0),  # the real scheduler's order; the simulator's is FCFS
     ) -> asyncio.Queue:
         """Queue a request; returns the queue its RequestOutputs arrive on. Raises
         InvalidRequestError at once if the engine would refuse it."""
@@ -78,7 +80,7 @@ class SimLLM(StreamingLLM):
             raise InvalidRequestError("role", "simulated workers run the aggregated role only")
         if isinstance(prompt, str):
             raise InvalidRequestError("prompt", "simulated workers take token ids, not text")
-        self.core.add_request(request_id, prompt, params)
+        self.core.add_request(request_id, prompt, params, cache_salt)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self.stats = self.core.stats()

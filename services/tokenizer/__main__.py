@@ -8,7 +8,13 @@ from kvmesh.libs.service import add_flag, serve_on_bus, start_service
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "--block-size", "KVMESH_BLOCK_SIZE", 16)
+    add_flag(
+        parser,
+        "--block-size",
+        "KVMESH_BLOCK_SIZE",
+        0,
+        "hash in blocks of this size (0: the workers', from their heartbeats; 16 until one is heard)",
+    )
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import socket
 import uuid
 
 from kvmesh.libs.allocator_env import engine_allocator_env
+from kvmesh.libs.kv_contract import DEFAULT_BLOCK_SIZE
 from kvmesh.libs.service import add_common_args, env_default, run, setup_logging
 from kvmesh.libs.threads import configure_threads
 
@@ -18,10 +19,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="kvmesh-worker")
     add_common_args(parser)
     parser.add_argument("--worker-id", default=env_default("KVMESH_WORKER_ID", None))
-    parser.add_argument("--dtype", default=env_default("KVMESH_DTYPE", "bfloat16"))
+    parser.add_argument("--dtype", default=env_default("KVMESH_DTYPE", "auto"))
     parser.add_argument("--kv-cache-gb", type=float, default=env_default("KVMESH_KV_CACHE_GB", 1.0))
     parser.add_argument("--num-kv-blocks", type=int, default=env_default("KVMESH_NUM_KV_BLOCKS", 0))
-    parser.add_argument("--block-size", type=int, default=env_default("KVMESH_BLOCK_SIZE", 16))
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=env_default("KVMESH_BLOCK_SIZE", DEFAULT_BLOCK_SIZE),
+        help="tokens per KV block: published in the worker's KV contract, the rest of the mesh follows",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=env_default("KVMESH_MAX_NUM_SEQS", 64))
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=env_default("KVMESH_MAX_BATCHED_TOKENS", 512)
@@ -106,7 +112,9 @@ def main() -> None:
         service = WorkerService(config, llm, agent, disagg)
         bus = await Bus.connect(config.nats_url, f"worker-{worker_id}")
         await service.attach(bus)
-        events = KVEventPublisher(bus, worker_id, llm.take_kv_events, args.kv_events_interval)
+        events = KVEventPublisher(
+            bus, worker_id, llm.take_kv_events, args.kv_events_interval, engine.kv_contract
+        )
         await events.start()
         if metrics is not None:
             metrics.attached(bus)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kvmesh.libs.bus import Bus, BusError
 from kvmesh.libs.engine.async_engine import AsyncLLM
-from kvmesh.libs.engine.block_hash import hash_blocks
+from kvmesh.libs.engine.block_hash import hash_blocks, salted_extra_keys
 from kvmesh.libs.engine.engine import LLMEngine
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
 from kvmesh.libs.kv_transfer.agent import KVTransferAgent, TransferError
@@ -96,7 +96,9 @@ class PrefillServer:
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         telemetry = self.telemetry.start_prefill(req) if self.telemetry is not None else None
         try:
-            stream = await self.llm.add_request(lease_id, req.token_ids, params, hold_blocks=True)
+            stream = await self.llm.add_request(
+                lease_id, req.token_ids, params, hold_blocks=True, cache_salt=req.cache_salt
+            )
         except InvalidRequestError as exc:
             if telemetry is not None:
                 telemetry.fail(exc)
@@ -174,26 +176,32 @@ class RemotePrefill:
         self.num_fallbacks = 0  # remote prefills that failed over to a local prefill
 
     async def prepare(
-        self, request_id: str, token_ids: list[int], prefill_worker: str, telemetry=None
+        self,
+        request_id: str,
+        token_ids: list[int],
+        prefill_worker: str,
+        telemetry=None,
+        cache_salt: str | None = None,
     ) -> Callable[[LLMEngine], None] | None:
         """Get the prompt's blocks into this engine's prefix cache from `prefill_worker`. Returns
         the commit to run in the engine thread right before the request is added, or None when the
         request should simply be prefilled here (nothing worth pulling, or a failure).
-        `telemetry` (the request's RequestTelemetry) gets the transfer's span and metrics."""
+        `telemetry` (the request's RequestTelemetry) gets the transfer's span and metrics; both
+        sides hash the blocks with the request's `cache_salt`."""
         block_size = self.agent.layout.block_size
         num_blocks = (len(token_ids) - 1) // block_size  # the last token is always computed here
         if num_blocks == 0:
             return None
         prefix = token_ids[: num_blocks * block_size]
-        local = await self.llm.call(lambda e: e.num_cached_prefix_blocks(prefix))
+        local = await self.llm.call(lambda e: e.num_cached_prefix_blocks(prefix, cache_salt))
         if num_blocks - local < self.config.min_remote_blocks:
             return None
         transfer_id = f"pull-{request_id}"
         plan = None
         try:
             with telemetry.active() if telemetry is not None else contextlib.nullcontext():
-                reply = await self._remote_prefill(request_id, prefix, prefill_worker)
-            plan = await self._pull(reply, prefill_worker, transfer_id, prefix, local, telemetry)
+                reply = await self._remote_prefill(request_id, prefix, prefill_worker, cache_salt)
+            plan = await self._pull(reply, prefill_worker, transfer_id, prefix, local, telemetry, cache_salt)
         except (BusError, TransferError, TimeoutError) as exc:
             log.warning("remote prefill of %s on %s failed (%s)", request_id, prefill_worker, exc)
         finally:  # released or never needed: the prefill side frees (or stops computing) its blocks
@@ -218,6 +226,7 @@ class RemotePrefill:
         prefix: list[int],
         local: int,
         telemetry=None,
+        cache_salt: str | None = None,
     ) -> Callable[[LLMEngine], None] | None:
         num_blocks = len(reply.block_ids)
         remote_ids = reply.block_ids[local:]
@@ -248,24 +257,29 @@ class RemotePrefill:
         block_size = self.agent.layout.block_size
 
         def commit(engine: LLMEngine) -> None:
-            hashes = hash_blocks(prefix, block_size, engine.extra_keys, engine.hash_seed)
+            first = salted_extra_keys(engine.extra_keys, cache_salt)
+            hashes = hash_blocks(prefix, block_size, engine.extra_keys, engine.hash_seed, None, first)
             assert len(hashes) == num_blocks
+            salted = local == 0 and cache_salt  # the event says the first block's salt (the index's key)
             engine.transfers.commit(
                 transfer_id,
                 hashes[local:],
                 parent=hashes[local - 1] if local else None,
                 token_ids=prefix[local * block_size :],
+                extra_keys=[(cache_salt,), *[None] * (num_blocks - 1)] if salted else None,
             )
 
         return commit
 
-    async def _remote_prefill(self, request_id: str, prefix: list[int], prefill_worker: str) -> PrefillReply:
+    async def _remote_prefill(
+        self, request_id: str, prefix: list[int], prefill_worker: str, cache_salt: str | None = None
+    ) -> PrefillReply:
         """The prefill request, watched: a prefill worker that stops answering pings is given up on
         within a couple of ping intervals, not after the whole prefill timeout."""
         call = asyncio.ensure_future(
             self.bus.request(
                 Subjects.worker(prefill_worker, "prefill"),
-                PrefillRequest(request_id=request_id, token_ids=prefix),
+                PrefillRequest(request_id=request_id, token_ids=prefix, cache_salt=cache_salt),
                 PrefillResult,
                 timeout=self.config.prefill_timeout_s,
             )

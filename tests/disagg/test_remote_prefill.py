@@ -70,7 +70,7 @@ class Pair:
         return self.services["p0"]
 
     async def generate(
-        self, rid: str, tokens: list[int], max_tokens: int = 8, remote: bool = True
+        self, rid: str, tokens: list[int], max_tokens: int = 8, remote: bool = True, salt: str | None = None
     ) -> list[int]:
         req = GenerateRequest(
             request_id=rid,
@@ -78,6 +78,7 @@ class Pair:
             sampling=SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True),
             stream_subject=Subjects.stream(rid),
             prefill_worker_id="p0" if remote else None,
+            cache_salt=salt,
         )
         sub, stream = await self.client.subscribe_queue(req.stream_subject)
         reply = await self.client.request(Subjects.worker("d0", "generate"), req, GenerateResult)
@@ -173,6 +174,22 @@ async def test_remote_prefill_pulls_only_missing_blocks_and_matches_local(pair, 
     short = prompt(rng, BLOCK - 3)  # no full block: nothing to pull, prefilled locally
     assert await pair.generate("r3", short) == reference(short)
     assert (await pair.stats("d0")).remote_prefills == 2
+    await assert_clean(pair)
+
+
+async def test_a_salted_prompt_is_prefilled_and_pulled_under_its_salt(pair, reference):
+    """Both sides hash a salted prompt's blocks with its salt: the tenant's blocks are found by the
+    same salt only, on the prefill worker and on the decode worker, never by an unsalted prompt."""
+    prefix = prompt(random.Random(5), 4 * BLOCK)
+    tokens = [*prefix, 7, 8, 9]
+    assert await pair.generate("s1", tokens, salt="tenant-a") == reference(tokens)
+    assert (await pair.stats("d0")).kv_blocks_pulled == 4
+    for service in (pair.prefill, pair.decode):
+
+        def held(salt, service=service):
+            return service.llm.call(lambda e: e.num_cached_prefix_blocks(prefix, salt))
+
+        assert (await held("tenant-a"), await held(None), await held("tenant-b")) == (4, 0, 0)
     await assert_clean(pair)
 
 

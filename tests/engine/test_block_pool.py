@@ -73,3 +73,39 @@ def test_randomized_operations_keep_integrity():
         pool.free_blocks(blocks)
     pool.check_integrity()
     assert pool.num_free_blocks == 32
+
+
+def test_blocks_holding_no_prefix_are_reused_before_cached_ones():
+    """A request's blocks come back tail first: the cached prefix joins the free list's tail (LRU),
+    while its uncached last block (and a duplicate of a hash another block holds) joins the head, so
+    the next allocations take those and evict no reusable prefix."""
+    pool = BlockPool(6, block_size=2)
+    a = pool.get_new_blocks(3)  # two full blocks and a partial one
+    pool.cache_full_blocks(a[:2], [BlockHash(1), BlockHash(2)], None, [1, 2, 3, 4])
+    dup = pool.get_new_blocks(1)  # the same first block computed twice: left uncached
+    pool.cache_full_blocks(dup, [BlockHash(1)], None, [1, 2])
+    pool.take_events()
+    pool.free_blocks(a[::-1])
+    pool.free_blocks(dup)
+    pool.check_integrity()
+    # 2 never-used blocks + 2 plain freed ones must go before either cached prefix block
+    taken = pool.get_new_blocks(4)
+    assert {b.block_id for b in taken} == {4, 5, a[2].block_id, dup[0].block_id}
+    assert pool.lookup(BlockHash(1)) is a[0] and pool.lookup(BlockHash(2)) is a[1]
+    assert pool.take_events() == []  # nothing evicted
+    # then the cached ones, least recently freed first: the suffix (2) before the prefix (1)
+    (next_one,) = pool.get_new_blocks(1)
+    assert next_one is a[1] and pool.take_events() == [BlockRemoved([2])]
+    pool.check_integrity()
+
+
+def test_a_duplicate_block_is_listed_in_its_event_so_hashes_line_up_with_tokens():
+    pool = BlockPool(4, block_size=2)
+    first = pool.get_new_blocks(1)
+    pool.cache_full_blocks(first, [BlockHash(1)], None, [1, 2])
+    pool.take_events()
+    both = pool.get_new_blocks(2)  # the same first block, then a new second one
+    pool.cache_full_blocks(both, [BlockHash(1), BlockHash(2)], None, [1, 2, 3, 4], [("salt",), None])
+    assert pool.take_events() == [BlockStored([1, 2], None, [1, 2, 3, 4], 2, extra_keys=[("salt",), None])]
+    assert both[0].block_hash is None and pool.lookup(BlockHash(1)) is first[0]
+    pool.check_integrity()

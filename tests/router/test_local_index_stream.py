@@ -143,7 +143,7 @@ async def test_sim_workers_events_give_the_same_overlaps_locally_as_in_redis(nat
                 prefill_base_s=0.001, prefill_s_per_token=1e-6, decode_batch_sizes=[1], decode_step_s=[0.001]
             ),
             heartbeat_interval_s=0.2,
-            kv_event_interval_s=0.01,
+            kv_events_interval_s=0.01,
         )
     )
     stop = asyncio.Event()

@@ -98,7 +98,7 @@ async def test_sim_workers_register_feed_the_index_and_serve_repeated_prefixes_f
             engine=SimEngineConfig(model=MODEL, num_kv_blocks=128),
             profile=FAST,
             heartbeat_interval_s=0.2,
-            kv_event_interval_s=0.01,
+            kv_events_interval_s=0.01,
         )
     )
     stop = asyncio.Event()
