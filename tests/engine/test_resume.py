@@ -20,7 +20,15 @@ def run(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingP
     return tokens
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "top_p": 0.9, "seed": 1234}])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "top_p": 0.9, "seed": 1234},
+        # the earlier output still counts as output for the penalties, not as prompt
+        {"temperature": 0.0, "frequency_penalty": 0.5, "presence_penalty": 0.3},
+    ],
+)
 def test_resumed_request_continues_the_same_sequence(tiny_model_path, sampling):
     engine = LLMEngine(EngineConfig(model=str(tiny_model_path), dtype="float32"), load_tokenizer=False)
     whole = run(engine, "whole", PROMPT, SamplingParams(max_tokens=20, ignore_eos=True, **sampling))
@@ -29,7 +37,9 @@ def test_resumed_request_continues_the_same_sequence(tiny_model_path, sampling):
     params = SamplingParams(max_tokens=20 - done, ignore_eos=True, resumed_tokens=done, **sampling)
     rest = run(engine, "rest", PROMPT + whole[:done], params)
     assert whole[:done] + rest == whole
-    if "seed" in sampling:  # the skip matters: without it the continuation replays the seed's first draws
+    # resumed_tokens matters: without it a seeded continuation replays the seed's first draws, and the
+    # penalties take the earlier output for prompt
+    if "seed" in sampling or "frequency_penalty" in sampling:
         params = SamplingParams(max_tokens=20 - done, ignore_eos=True, **sampling)
         assert run(engine, "naive", PROMPT + whole[:done], params) != whole[done:]
     engine.check_integrity()

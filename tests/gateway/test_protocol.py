@@ -43,7 +43,7 @@ def test_chat_body_becomes_prompt_and_params():
         stop_token_ids=[9],
         include_stop_str_in_output=True,
         skip_special_tokens=False,
-        some_future_field={"x": 1},  # unknown fields are ignored
+        some_future_field=None,  # null asks for nothing: accepted even unknown (request_fields.py)
     )
     prompt, p = body.prompt_and_params()
     assert prompt.messages == [
@@ -86,9 +86,9 @@ def test_completion_prompt_forms(prompt, text, ids):
     ("body", "param"),
     [
         ({"prompt": ["one", "two"]}, "prompt"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),  # echo alone works
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "x", "presence_penalty": 0.5, "best_of": 2}, "best_of"),
     ],
 )
 def test_completion_semantic_errors(body, param):
