@@ -1,7 +1,14 @@
-"""Tokenizer service: chat templates, text <-> token ids, and the prompt's block hashes."""
+"""Tokenizer service: chat templates, text <-> token ids, and the prompt's block hashes.
+
+The hashes are the workers' KV contract's (libs/kv_contract.py): this model's namespace, the hash
+seed, and the workers' block size, heard in their heartbeats (unless pinned by `--block-size`), with
+a request's cache salt as an extra key of its first block.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,15 +17,18 @@ from opentelemetry import trace
 
 from kvmesh.libs import tracing
 from kvmesh.libs.bus import Bus
-from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
+from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, salted_extra_keys
+from kvmesh.libs.kv_contract import ContractGate, hash_namespace
 from kvmesh.schemas.messages import (
     DetokenizeReply,
     DetokenizeRequest,
     EncodeReply,
     EncodeRequest,
     ErrorReply,
+    Heartbeat,
     Subjects,
 )
+from kvmesh.services.tokenizer.chat_inputs import TemplateInputError, template_inputs
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +37,11 @@ log = logging.getLogger(__name__)
 class TokenizerConfig:
     nats_url: str
     model: str
-    block_size: int = 16
-    hash_seed: int | None = None
+    block_size: int = 0  # 0: the workers' (their heartbeats' KV contract), the default until heard
+    hash_seed: int | None = None  # None: KVMESH_HASH_SEED or the built-in default
+    # At start, wait this long at most for a worker's heartbeat (its block size) before answering
+    # encode requests: hashes in another block size would be wasted on the router.
+    contract_wait_s: float = 2.0
 
 
 class TokenizerService:
@@ -41,8 +54,11 @@ class TokenizerService:
         self.hf = AutoTokenizer.from_pretrained(model_path)
         self.fast = backend_tokenizer(self.hf)
         self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
-        self.model_name = model_path.name  # the engine namespaces its block hashes the same way
-        self.seed = hash_seed(config.hash_seed)
+        self._adopted = asyncio.Event()
+        self.gate = ContractGate(
+            hash_namespace(config.model), config.hash_seed, config.block_size, lambda _c: self._adopted.set()
+        )
+        self.extra_keys = encode_extra_keys(hash_namespace(config.model))
 
     def encode(self, req: EncodeRequest) -> EncodeReply | ErrorReply:
         given = sum(x is not None for x in (req.messages, req.prompt, req.token_ids))
@@ -54,11 +70,15 @@ class TokenizerService:
             if not req.messages:
                 return ErrorReply(code="invalid_request", message="messages is empty", field="messages")
             try:
+                conversation, template_kwargs = template_inputs(req, self.hf.chat_template)
                 text = self.hf.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in req.messages],
+                    conversation,
                     add_generation_prompt=req.add_generation_prompt,
                     tokenize=False,
+                    **template_kwargs,  # tools, chat_template_kwargs (chat_inputs.py)
                 )
+            except TemplateInputError as exc:
+                return ErrorReply(code="invalid_request", message=str(exc), field=exc.field)
             except Exception as exc:  # template errors are the caller's input problem
                 return ErrorReply(code="invalid_request", message=f"chat template: {exc}", field="messages")
             ids = self.fast.encode(text, add_special_tokens=False).ids
@@ -74,9 +94,10 @@ class TokenizerService:
                 )
         if not ids:
             return ErrorReply(code="invalid_request", message="the prompt is empty", field="prompt")
-        extra = encode_extra_keys(self.model_name, cache_salt=req.cache_salt)
-        hashes = hash_blocks(ids, self.config.block_size, extra, self.seed)
-        return EncodeReply(token_ids=ids, block_hashes=hashes, block_size=self.config.block_size)
+        first = salted_extra_keys(self.extra_keys, req.cache_salt)
+        bs = self.gate.block_size
+        hashes = hash_blocks(ids, bs, self.extra_keys, self.gate.seed, None, first)
+        return EncodeReply(token_ids=ids, block_hashes=hashes, block_size=bs)
 
     def detokenize(self, req: DetokenizeRequest) -> DetokenizeReply | ErrorReply:
         if not all(0 <= t < self.vocab_size for t in req.token_ids):
@@ -100,6 +121,20 @@ class TokenizerService:
 
         async def on_detokenize(req: DetokenizeRequest, _raw) -> DetokenizeReply | ErrorReply:
             return self.detokenize(req)
+
+        async def on_beat(hb: Heartbeat, _raw) -> None:
+            self.gate.check(hb.stats.kv_contract)  # adopts the first worker's block size
+
+        await bus.serve(Subjects.WORKER_HEARTBEAT, Heartbeat, on_beat)
+        if self.gate.contract is None and self.config.contract_wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._adopted.wait(), self.config.contract_wait_s)
+            if self.gate.contract is None:
+                log.warning(
+                    "no worker heard in %.1f s: hashing in blocks of %d until one is",
+                    self.config.contract_wait_s,
+                    self.gate.block_size,
+                )
 
         for subject, request_type, handler in (
             (Subjects.TOKENIZER_ENCODE, EncodeRequest, on_encode),
