@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt", nargs="*", help="user messages (chat template applied); several run as one batch"
     )
     gen.add_argument("--model", default="SmolLM2-135M-Instruct", help="packaged model name or HF folder")
-    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    gen.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         help="> 0: disaggregate: this many prefill workers, the --workers become decode workers",
     )
     up.add_argument("--model", default=os.environ.get("KVMESH_MODEL", "SmolLM2-135M-Instruct"))
-    up.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    up.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     up.add_argument(
         "--nats-url", default=os.environ.get("NATS_URL"), help="use this NATS instead of starting one"
     )

@@ -49,7 +49,7 @@ def _signals_ignored():
 @dataclass
 class MeshConfig:
     model: str = "SmolLM2-135M-Instruct"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bf16 where the CPU computes it natively, else fp32 (engine/config.py)
     num_workers: int = 1  # decode workers when num_prefill_workers > 0, else aggregated ones
     num_prefill_workers: int = 0  # > 0: disaggregated prefill (NIXL) on this many prefill workers
     gateway_port: int = 0  # 0: a free port

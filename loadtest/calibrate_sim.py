@@ -196,7 +196,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--passes", type=int, default=4, help="measurements of every point, min kept")
     parser.add_argument("--decode-steps", type=int, default=12)

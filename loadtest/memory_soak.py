@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=30.0, help="seconds before the memory is judged")
     p.add_argument("--sample-every", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument(
         "--max-concurrency",

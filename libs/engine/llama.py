@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from kvmesh.libs.engine.attention import AttentionMetadata, paged_attention_torch, write_kv
-from kvmesh.libs.engine.config import ModelConfig
+from kvmesh.libs.engine.config import ModelConfig, native_bf16
 
 
 class Linear:
-    """y = x @ W.T (+ b) (+ residual). For bf16 on CPU the weight is prepacked once into oneDNN's
-    blocked layout: plain F.linear re-reads it in the unpacked layout on every call, which measured
-    1.5-2x slower for the small batches of decode steps (bandwidth-bound)."""
+    """y = x @ W.T (+ b) (+ residual). For bf16 on a CPU that computes it natively the weight is
+    prepacked once into oneDNN's blocked layout (an AVX2 CPU refuses it): plain F.linear re-reads it
+    in the unpacked layout on every call, which measured 1.5-2x slower for the small batches of
+    decode steps (bandwidth-bound)."""
 
     __slots__ = ("bias", "packed", "weight")
 
@@ -32,7 +33,7 @@ class Linear:
         self.weight = weight
         self.bias = bias
         self.packed = None
-        if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and native_bf16():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
