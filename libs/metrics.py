@@ -95,6 +95,12 @@ GATEWAY_REJECTED = Counter(
     "Requests refused before reaching a worker (admission control, auth, limits), by reason.",
     [MODEL, "reason"],
 )
+GATEWAY_REJECTION_TIME = Histogram(
+    "kvmesh:gateway_rejection_seconds",
+    "Time from a refused request's arrival at the gateway's app to the start of its refusal, by reason.",
+    [MODEL, "reason"],
+    buckets=FAST_BUCKETS,
+)
 
 # --- worker (engine) -------------------------------------------------------------------------------
 PROMPT_TOKENS = Counter(
@@ -153,6 +159,12 @@ ROUTER_PREFIX_AVAILABLE_TOKENS = Counter(
     "Prompt tokens cached on the best-holding worker at decision time (the reuse that was available).",
     [MODEL],
 )
+ROUTER_WORKERS_REFUSED = Counter(
+    "kvmesh:router_workers_refused",
+    "Workers refused because their KV contract differs from the router's, by the field that differs "
+    "(block_size | hash_seed | hash_namespace | version | cache_salt_rule); counted once per refusal.",
+    [MODEL, "reason"],
+)
 ROUTER_DECISION_SECONDS = Histogram(
     "kvmesh:router_decision_seconds",
     "Time to pick a worker (KV index lookup included).",
@@ -201,9 +213,11 @@ class GatewayMetrics:
     def status(self, code: int) -> None:
         GATEWAY_REQUESTS.labels(self.model, str(code)).inc()
 
-    def rejected(self, reason: str) -> None:
-        """For admission control: a request refused before any worker saw it."""
+    def rejected(self, reason: str, seconds: float) -> None:
+        """For admission control: a request refused before any worker saw it, `seconds` after it
+        reached the app."""
         GATEWAY_REJECTED.labels(self.model, reason).inc()
+        GATEWAY_REJECTION_TIME.labels(self.model, reason).observe(seconds)
 
 
 class WorkerMetrics:
@@ -245,6 +259,10 @@ class RouterMetrics:
         ROUTER_DECISIONS.labels(self.model, reason).inc()
         self.hit_tokens.inc(hit_tokens)
         self.available_tokens.inc(available_tokens)
+
+    def refused(self, reason: str) -> None:
+        """A worker refused for its KV contract (`reason`: the field that differs)."""
+        ROUTER_WORKERS_REFUSED.labels(self.model, reason).inc()
 
 
 @contextlib.contextmanager

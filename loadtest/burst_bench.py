@@ -52,6 +52,7 @@ class Outcome:
     ttft_s: float | None = None  # first content chunk
     e2e_s: float | None = None  # to the end of the stream (or to the error answer)
     retry_after: str | None = None
+    decision_s: float | None = None  # a refusal's Server-Timing: the gateway's own time to decide
     error: str = ""
     stream_error: bool = False  # 200, then an error event instead of the end of the completion
 
@@ -78,6 +79,8 @@ async def one_request(client: httpx.AsyncClient, model: str, text: str, tenant: 
             out.status = r.status_code
             if r.status_code != 200:
                 out.retry_after = r.headers.get("retry-after")
+                if m := re.search(r"decision;dur=([\d.]+)", r.headers.get("server-timing", "")):
+                    out.decision_s = float(m[1]) / 1000
                 out.error = (await r.aread()).decode(errors="replace")[:200]
                 out.e2e_s = time.perf_counter() - t0
                 return out
@@ -123,7 +126,11 @@ def summarize_burst(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
         "e2e_p99_s": pct(e2e, 99),
         "ttft_p50_s": pct([o.ttft_s for o in served], 50),
         "ttft_p99_s": pct([o.ttft_s for o in served], 99),
+        "time_to_429_p50_s": pct([o.e2e_s for o in rejected], 50),
         "time_to_429_p99_s": pct([o.e2e_s for o in rejected], 99),
+        # the gateway's side of it (Server-Timing): arrival at its app -> the refusal's first byte
+        "decision_429_p50_s": pct([o.decision_s for o in rejected if o.decision_s is not None], 50),
+        "decision_429_p99_s": pct([o.decision_s for o in rejected if o.decision_s is not None], 99),
         "wall_s": wall_s,
         "errors": sorted({o.error for o in outcomes if o.error})[:5],
     }
@@ -134,6 +141,9 @@ async def burst(base_url: str, model: str, n: int, seed: int) -> dict[str, Any]:
     texts = [prompt(rng) for _ in range(n)]
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
+        # Open the N connections first (kept alive), as N clients already connected would have them:
+        # the burst then times requests, not N simultaneous TCP handshakes on the same two cores.
+        await asyncio.gather(*(client.get("/v1/models") for _ in range(n)))
         t0 = time.perf_counter()
         outcomes = await asyncio.gather(*(one_request(client, model, t) for t in texts))
         wall = time.perf_counter() - t0
@@ -258,18 +268,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"scenarios": []}
     scenarios: list[tuple[str, dict[str, Any]]] = [("burst", {"n": n}) for n in args.bursts]
     if not args.skip_fairness:
-        scenarios.append(("fairness", {}))
+        scenarios += [
+            ("fairness", {"round": r} if args.fairness_rounds > 1 else {})
+            for r in range(args.fairness_rounds)
+        ]
     if args.bound:
         scenarios.append(("bounded", {"n": args.bound_n, "max_queue": args.bound}))
     for k, (kind, params) in enumerate(scenarios):
-        order = targets if k % 2 == 0 else targets[::-1]
+        # the same-run baseline of the workers' tenant rank: the same mesh ordering by band only
+        here = targets + (["kvmesh-band-only"] if kind == "fairness" and args.fairness_ab else [])
+        order = here if k % 2 == 0 else here[::-1]
         row: dict[str, Any] = {"scenario": kind, **params, "results": {}}
         for target in order:
             if kind == "bounded" and target != "kvmesh":
                 continue
             env = {"KVMESH_GATEWAY_MAX_QUEUE": str(params["max_queue"])} if kind == "bounded" else None
+            if target == "kvmesh-band-only":
+                env = {"KVMESH_GATEWAY_TENANT_RANK": "0"}
             server = (
-                start_kvmesh(log_dir, env) if target == "kvmesh" else start_vllm(args.vllm_python, log_dir)
+                start_kvmesh(log_dir, env)
+                if target.startswith("kvmesh")
+                else start_vllm(args.vllm_python, log_dir)
             )
             try:
                 warm_up(server)
@@ -331,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a-burst", type=int, default=200, help="tenant A's requests, sent at once")
     p.add_argument("--b-requests", type=int, default=10, help="tenant B's requests, one at a time")
     p.add_argument("--b-interval", type=float, default=1.0, help="seconds between tenant B's requests")
+    p.add_argument("--fairness-rounds", type=int, default=1, help="fairness runs (server order alternates)")
+    p.add_argument(
+        "--fairness-ab",
+        action="store_true",
+        help="also run fairness on a mesh whose workers order by band only (KVMESH_GATEWAY_TENANT_RANK=0)",
+    )
     p.add_argument("--bound", type=int, default=50, help="the bounded run's queue bound (0: skip it)")
     p.add_argument("--bound-n", type=int, default=300, help="the bounded run's burst size")
     p.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.libs.service import add_common_args, env_default
+from kvmesh.services.gateway.tool_parsers import PARSERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +45,17 @@ class GatewayConfig:
     max_queue: int = 4096
     queue_ttl: float = 600.0
     worker_headroom: int = 4  # requests dispatched to a worker beyond its running batch
+    # 1: the worker's scheduler also orders by the tenant's requests in flight (a newcomer's prefill
+    # goes ahead of another tenant's burst); 0: by priority band only
+    tenant_rank: int = 1
     max_body_bytes: int = 1 << 20  # beyond: 413
     max_prompt_tokens: int = 0  # beyond: 400
     max_tokens_cap: int = 0  # larger max_tokens: 400; also the default when max_tokens is left out
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication
     log_level: str = "INFO"
+    # How `tool_choice: auto` finds calls in the model's text (vLLM's --tool-call-parser names):
+    # hermes | llama3_json (services/gateway/tool_parsers.py)
+    tool_call_parser: str = "hermes"
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewayConfig:
@@ -78,6 +85,12 @@ class GatewayConfig:
             default=env_default("KVMESH_API_KEYS_FILE", None),
             help="a file with one API key per line (KVMESH_API_KEYS: comma-separated keys)",
         )
+        p.add_argument(
+            "--tool-call-parser",
+            choices=sorted(PARSERS),
+            default=env_default("KVMESH_GATEWAY_TOOL_CALL_PARSER", d.tool_call_parser),
+            help="how tool calls are read from the model's text with tool_choice auto",
+        )
         a = p.parse_args(argv)
         for name in _POSITIVE:
             if getattr(a, name) <= 0:
@@ -96,6 +109,7 @@ class GatewayConfig:
             **numbers,
             api_keys=load_api_keys(os.environ.get("KVMESH_API_KEYS", ""), a.api_keys_file),
             log_level=a.log_level,
+            tool_call_parser=a.tool_call_parser,
         )
 
 
@@ -116,6 +130,7 @@ _NON_NEGATIVE = (
     "max_inflight",
     "max_queue",
     "worker_headroom",
+    "tenant_rank",
     "max_body_bytes",
     "max_prompt_tokens",
     "max_tokens_cap",

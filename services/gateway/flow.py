@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 from kvmesh.schemas.messages import WorkerStats
 from kvmesh.services.gateway.errors import GatewayError
-from kvmesh.services.gateway.readiness import MISSED_BEATS, SERVING_ROLES  # the same rule as /ready
 
+MISSED_BEATS = 3  # as the router: silent this many heartbeat intervals, a worker is gone
+SERVING_ROLES = frozenset({"aggregated", "decode"})  # a prefill worker serves no client
 DEFAULT_MAX_RUNNING = 64  # a worker that does not report its bound (older or simulated): the engine's default
 RATE_HALF_LIFE_S = 10.0  # the drain-rate estimate forgets a dispatch's weight after this long, by half
 
@@ -49,6 +50,9 @@ class FlowConfig:
     # The largest share of the workers' room one tenant may hold (rounded up): the rest stays free for
     # other tenants, so a newcomer starts at once instead of waiting for a burst's request to end.
     max_tenant_share: float = 0.875
+    # The worker's scheduler orders by (band, the tenant's requests in flight at dispatch): a newcomer
+    # prefills ahead of the chunks of another tenant's burst (engine/scheduler.py). False: band only.
+    tenant_rank: bool = True
 
 
 class Arrival:
@@ -68,12 +72,15 @@ class Arrival:
 class Slot:
     """Room for one request on the workers, from dispatch until `release()` (idempotent)."""
 
-    __slots__ = ("_flow", "_released", "tenant", "waited_s")
+    __slots__ = ("_flow", "_released", "tenant", "tenant_inflight", "waited_s")
 
-    def __init__(self, flow: FlowController | None, waited_s: float, tenant: str = "") -> None:
+    def __init__(
+        self, flow: FlowController | None, waited_s: float, tenant: str = "", tenant_inflight: int = 0
+    ) -> None:
         self._flow = flow
         self._released = False
         self.tenant = tenant
+        self.tenant_inflight = tenant_inflight  # the tenant's other slots when this one was granted
         self.waited_s = waited_s
 
     def release(self) -> None:
@@ -154,12 +161,17 @@ class FlowController:
             self._workers[stats.worker_id] = _Worker(stats, self.clock() + MISSED_BEATS * interval_s)
             self._pump()
 
-    def capacity(self) -> int | None:
-        """How many requests may be on the workers at once; None: unknown (no live worker reported)."""
+    def serving_workers(self) -> list[str]:
+        """The workers that take `generate` and were heard from within their last MISSED_BEATS
+        heartbeat intervals (the router's rule; `/ready` is this list not being empty)."""
         now = self.clock()
         for wid in [w for w, s in self._workers.items() if s.expires < now]:
             del self._workers[wid]
-        if not self._workers:
+        return sorted(self._workers)
+
+    def capacity(self) -> int | None:
+        """How many requests may be on the workers at once; None: unknown (no live worker reported)."""
+        if not self.serving_workers():
             return None
         total = 0
         for w in self._workers.values():
@@ -289,13 +301,14 @@ class FlowController:
 
     def _grant(self, waited_s: float, tenant: str) -> Slot:
         self.inflight += 1
-        self._held[tenant] = self._held.get(tenant, 0) + 1
+        held = self._held.get(tenant, 0)
+        self._held[tenant] = held + 1
         self.counts["dispatched"] += 1
         now = self.clock()
         self._rate = self._decayed_rate(now) + 1.0 / RATE_HALF_LIFE_S * math.log(2)
         self._rate_at = now
         self._changed()
-        return Slot(self, waited_s, tenant)
+        return Slot(self, waited_s, tenant, held if self.config.tenant_rank else 0)
 
     def _decayed_rate(self, now: float) -> float:
         return self._rate * 0.5 ** ((now - self._rate_at) / RATE_HALF_LIFE_S)

@@ -101,3 +101,45 @@ def test_prompt_larger_than_cache_is_refused(tiny_model_path, blocks):
     engine = make_engine(tiny_model_path, num_kv_blocks=blocks)
     with pytest.raises(ValueError, match="prompt"):
         engine.add_request("big", list(range(3, 3 + 4 * blocks + 1)), SamplingParams())
+
+
+def test_a_better_ranked_newcomer_prefills_ahead_of_running_chunks(tiny_model_path):
+    """Ranks order the scheduler (the gateway sends (band, the tenant's requests in flight)): a
+    newcomer ranked better than the requests still prefilling takes the step's budget first; they
+    get what is left. Equal ranks stay first come, first served."""
+    engine = make_engine(tiny_model_path, num_kv_blocks=64, max_num_batched_tokens=16)
+    prefills: list[list[tuple[str, int]]] = []
+    schedule = engine.scheduler.schedule
+
+    def recorded():
+        out = schedule()
+        prefills.append([(s.request.request_id, s.num_new_tokens) for s in out.prefills])
+        return out
+
+    engine.scheduler.schedule = recorded
+    burst = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i in range(2):  # tenant A: two 40-token prompts, prefilled 16 tokens a step
+        engine.add_request(f"a{i}", list(range(3 + i, 43 + i)), burst, rank=(0, 5 + i))
+    engine.step()
+    assert prefills[-1] == [("a0", 16)]
+    engine.add_request("late-equal", list(range(100, 112)), burst, rank=(0, 6))
+    engine.add_request("b", list(range(200, 212)), burst, rank=(0, 0))
+    assert [r.request_id for r in engine.scheduler.waiting] == ["b", "a1", "late-equal"]
+    engine.step()
+    # b's 12 tokens first; a0's next chunk gets the 4 left; a1 and late-equal wait
+    assert prefills[-1] == [("b", 12), ("a0", 4)]
+    engine.check_integrity()
+    while engine.has_unfinished_requests():  # and everything completes
+        engine.step()
+        engine.check_integrity()
+
+
+def test_equal_ranks_are_first_come_first_served(tiny_model_path):
+    engine = make_engine(tiny_model_path, num_kv_blocks=64, max_num_batched_tokens=16)
+    for i in range(3):
+        engine.add_request(f"r{i}", list(range(3 + i, 43 + i)), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    engine.add_request("new", list(range(200, 212)), SamplingParams(max_tokens=2, ignore_eos=True))
+    assert [r.request_id for r in engine.scheduler.waiting] == ["r1", "r2", "new"]
+    sched = engine.scheduler.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in sched.prefills] == [("r0", 16)]

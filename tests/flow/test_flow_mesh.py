@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -68,6 +69,11 @@ def computed(mesh: Mesh) -> float:
     return measured(scrape(mesh.metrics_urls["worker-0"]), "vllm:request_queue_time_seconds_count")
 
 
+def rejections_timed(mesh: Mesh) -> float:
+    samples = scrape(mesh.metrics_urls["gateway"])
+    return measured_or_none(samples, "kvmesh:gateway_rejection_seconds_count", reason="overloaded") or 0.0
+
+
 def gateway_outcome(mesh: Mesh, outcome: str, reason: str = "") -> float:
     return measured(scrape(mesh.metrics_urls["gateway"]), "kvmesh:gateway_queue_requests_total",
                     outcome=outcome, reason=reason)  # fmt: skip
@@ -76,6 +82,7 @@ def gateway_outcome(mesh: Mesh, outcome: str, reason: str = "") -> float:
 async def test_a_burst_4x_the_bound_is_served_or_429_never_5xx(flow_mesh):
     n = 4 * (MAX_QUEUE + RUNNING)
     before = computed(flow_mesh)
+    timed_before = rejections_timed(flow_mesh)
     async with httpx.AsyncClient(base_url=flow_mesh.base_url, timeout=120) as client:
         replies = await asyncio.gather(
             *(client.post("/v1/chat/completions", json=body(i, max_tokens=32)) for i in range(n))
@@ -87,6 +94,9 @@ async def test_a_burst_4x_the_bound_is_served_or_429_never_5xx(flow_mesh):
     assert served >= RUNNING + MAX_QUEUE  # at least what fits was taken
     for r in rejected:
         assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        # the gateway's own time to decide, apart from the time in transit (how fast is not asserted)
+        assert re.fullmatch(r"decision;dur=\d+\.\d{3}", r.headers["server-timing"]), r.headers
+    assert rejections_timed(flow_mesh) - timed_before == len(rejected)
     assert all(r.json()["usage"]["completion_tokens"] == 32 for r in replies if r.status_code == 200)
     # every request the worker computed is one a client got: nothing refused was computed
     assert computed(flow_mesh) - before == served
@@ -142,6 +152,13 @@ async def test_queued_higher_priority_starts_before_earlier_lower_priority(flow_
             await asyncio.sleep(0.02)
         raise AssertionError(f"{k} requests never waited")
 
+    async def until_inflight(k: int) -> None:
+        for _ in range(600):  # hang guard
+            if measured(scrape(gateway), "kvmesh:gateway_queue_inflight") >= k:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{k} requests never dispatched")
+
     async with httpx.AsyncClient(base_url=flow_mesh.base_url, timeout=120) as client:
 
         async def run(name: str, max_tokens: int = 8, headers: dict | None = None, **extra) -> None:
@@ -151,8 +168,10 @@ async def test_queued_higher_priority_starts_before_earlier_lower_priority(flow_
             assert r.status_code == 200, r.text
             order.append(name)
 
-        # Two long requests hold both slots (far longer than the few scrapes below take).
+        # Two long requests hold both slots (far longer than the few scrapes below take). They must be
+        # dispatched before the others arrive: sent together, a short one could take a slot first.
         tasks = [asyncio.create_task(run(f"busy{i}", max_tokens=LONG)) for i in range(RUNNING)]
+        await until_inflight(RUNNING)
         tasks += [asyncio.create_task(run(f"low{i}", priority=10)) for i in range(2)]
         await until_waiting(2)
         tasks.append(asyncio.create_task(run("high-body", priority=-5)))

@@ -200,3 +200,15 @@ async def test_a_tenant_at_its_share_lets_the_next_tenant_and_band_through():
     slot.release()
     for s in held[1:]:
         s.release()
+
+
+def test_a_slot_carries_its_tenants_load_for_the_workers_scheduler():
+    """The worker's engine schedules by (band, tenant's requests in flight at dispatch): a tenant's
+    n-th concurrent slot says n-1, another tenant's first says 0, and a released slot stops counting."""
+    flow = flow_with_room(8)
+    a = [flow.try_admit(tenant="A") for _ in range(3)]
+    assert [s.tenant_inflight for s in a] == [0, 1, 2]
+    b = flow.try_admit(tenant="B")
+    assert b is not None and b.tenant_inflight == 0
+    a[0].release()
+    assert flow.try_admit(tenant="A").tenant_inflight == 2

@@ -16,6 +16,7 @@ from kvmesh.libs.bus import Bus
 from kvmesh.schemas.messages import Heartbeat, Subjects, WorkerStats
 from kvmesh.services.gateway.app import create_app
 from kvmesh.services.gateway.config import GatewayConfig
+from kvmesh.services.gateway.flow import FlowController
 from kvmesh.services.gateway.readiness import Readiness
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -88,10 +89,18 @@ async def test_ready_follows_serving_workers_heartbeats(gateway):
 
 
 async def test_a_prefill_worker_alone_is_not_ready():
-    readiness = Readiness(SimpleNamespace(nc=SimpleNamespace(is_connected=True)))  # type: ignore[arg-type]
-    readiness.beat(beat("prefill-0", "prefill", 1.0), now=0.0)
-    assert readiness.reason_not_ready(0.5) is not None
-    readiness.beat(beat("decode-0", "decode", 1.0), now=0.0)
-    assert readiness.reason_not_ready(0.5) is None
-    assert readiness.serving_workers(0.5) == ["decode-0"]
-    assert readiness.serving_workers(3.5) == [], "silent for 3 intervals: gone"
+    """Readiness reads the workers flow control heard (one heartbeat subscription in the gateway)."""
+    now = [0.0]
+    flow = FlowController(clock=lambda: now[0])
+    bus = SimpleNamespace(nc=SimpleNamespace(is_connected=True))
+    readiness = Readiness(bus, flow, watch=None)  # type: ignore[arg-type]
+    flow.observe(beat("prefill-0", "prefill", 1.0).stats, interval_s=1.0)
+    now[0] = 0.5
+    assert readiness.reason_not_ready() is not None
+    now[0] = 0.0
+    flow.observe(beat("decode-0", "decode", 1.0).stats, interval_s=1.0)
+    now[0] = 0.5
+    assert readiness.reason_not_ready() is None
+    assert readiness.serving_workers() == ["decode-0"]
+    now[0] = 3.5
+    assert readiness.serving_workers() == [], "silent for 3 intervals: gone"
