@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvmesh.loadtest.openai_load import LoadResult, RequestRecord
+    from kvmesh.loadtest.load_types import LoadResult, RequestRecord
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

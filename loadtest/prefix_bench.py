@@ -25,42 +25,25 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.libs.threads import configure_threads
+from kvmesh.loadtest.prefix_latency import decision_latency
+from kvmesh.loadtest.prefix_stack import UNBOUNDED_QUEUE, BenchConfig, SimStack, process_usage
 from kvmesh.loadtest.prefix_workload import WorkloadSpec, build_trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCORERS = ("kv", "round-robin", "random")
-# Saturation shows as queueing (TTFT), not as refusals: no bound on queued requests per worker, no
-# admission limit or first-token timeout at the gateway.
-UNBOUNDED_QUEUE = ["--max-waiting", "0"]
+# Saturation shows as queueing (TTFT), not as refusals: no bound on queued requests per worker
+# (UNBOUNDED_QUEUE), no admission limit or first-token timeout at the gateway.
 UNBOUNDED_GATEWAY = ["--max-inflight", "0", "--first-token-timeout", "3600", "--request-timeout", "3600"]
 # The real mesh shares 2 cores with everything else: a worker starved for a few seconds is slow, not
 # dead. Relaxed failure detectors (liveness probes, bus timeout, heartbeats) keep the gateway from
 # migrating its requests and the router from dropping it: this benchmark measures routing.
 PATIENT_GATEWAY = ["--liveness-interval", "30", "--probe-timeout", "30", "--bus-timeout", "60"]
 PATIENT_WORKER = ["--heartbeat-interval", "2"]
-
-
-@dataclass(frozen=True, slots=True)
-class BenchConfig:
-    name: str
-    kind: str  # real | sim
-    workers: int
-    kv_blocks: int  # per worker
-    spec: WorkloadSpec
-    speedup: float = 1.0  # sim: modelled time runs this much faster than wall time
-    drain_s: float = 10.0  # model seconds after the last arrival before in-flight requests are cut
-    worker_args: list[str] = field(default_factory=list)
 
 
 def configs(quick: bool) -> dict[str, BenchConfig]:
@@ -96,99 +79,6 @@ def configs(quick: bool) -> dict[str, BenchConfig]:
             speedup=0.5,
         ),
     }
-
-
-class SimStack:
-    """nats-server, redis-server, kv-index, router (with the policy under test) and one process of
-    simulated workers, each started fresh; logs under `log_dir`."""
-
-    def __init__(
-        self, cfg: BenchConfig, scorer: str, log_dir: Path, router_args: tuple[str, ...] = ()
-    ) -> None:
-        self.cfg, self.scorer, self.log_dir = cfg, scorer, log_dir
-        self.router_args = router_args
-        self.procs: list[subprocess.Popen] = []
-        self.pids: dict[str, int] = {}
-        self._tmp = tempfile.TemporaryDirectory(prefix="prefix-bench-")
-        self.metrics_port = 0
-
-    def __enter__(self) -> SimStack:
-        from kvmesh.libs.launcher import free_port, start_nats_server, start_redis_server
-
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        nats_port, redis_port, self.metrics_port = free_port(), free_port(), free_port()
-        self.nats_url, redis_url = f"nats://127.0.0.1:{nats_port}", f"redis://127.0.0.1:{redis_port}"
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        self.procs.append(start_nats_server(nats_port, Path(self._tmp.name) / "js", **quiet))
-        self.procs.append(start_redis_server(redis_port, **quiet))
-        env = {
-            "KVMESH_NATS_URL": self.nats_url,
-            "KVMESH_REDIS_URL": redis_url,
-            "KVMESH_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "KVMESH_LOG_LEVEL": "WARNING",
-        }
-        c = self.cfg
-        py = [sys.executable, "-m"]
-        self._spawn("kv-index", [*py, "kvmesh.services.kv_index"], env)
-        router = [
-            *py,
-            "kvmesh.services.router",
-            "--scorer",
-            self.scorer,
-            "--metrics-port",
-            str(self.metrics_port),
-        ]
-        self._spawn("router", [*router, *self.router_args], env)
-        fleet = [*py, "kvmesh.services.sim_worker", "--count", str(c.workers), "--id-prefix", "sim"]
-        fleet += ["--num-kv-blocks", str(c.kv_blocks), "--speedup", str(c.speedup), *UNBOUNDED_QUEUE]
-        fleet += c.worker_args
-        self._spawn("sim-workers", fleet, {**env, "KVMESH_LOG_LEVEL": "INFO"})
-        asyncio.run(wait_workers(self.nats_url, c.workers, self.procs))
-        return self
-
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
-        self.procs.append(
-            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        )
-        self.pids[name] = self.procs[-1].pid
-
-    def __exit__(self, *exc) -> None:
-        for p in reversed(self.procs):  # services first (they drain), the infrastructure last
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        self._tmp.cleanup()
-
-
-async def wait_workers(
-    nats_url: str, count: int, procs: list[subprocess.Popen], timeout: float = 120
-) -> None:
-    """Until the router lists `count` live workers."""
-    from kvmesh.libs.bus import Bus, BusError
-    from kvmesh.schemas.messages import RouterHealth, RouterHealthRequest, Subjects
-
-    bus = await Bus.connect(nats_url, "prefix-bench")
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a process of the stack exited early (see the logs)")
-            try:
-                h = await bus.request(Subjects.ROUTER_HEALTH, RouterHealthRequest(), RouterHealth, timeout=2)
-                if len(h.workers) >= count:
-                    return
-            except BusError:
-                pass
-            await asyncio.sleep(0.25)
-        raise TimeoutError(f"the router did not see {count} workers in {timeout:.0f} s")
-    finally:
-        await bus.close()
 
 
 async def drive(cfg: BenchConfig, scorer: str, trace, nats_url: str, base_url: str | None) -> dict:
@@ -243,125 +133,6 @@ async def drive(cfg: BenchConfig, scorer: str, trace, nats_url: str, base_url: s
     summary = summarize_run(records, spec.step_s, len(spec.rates), s, cutoff, health)
     await bus.close()
     return summary
-
-
-async def decision_latency(nats_url: str, trace, metrics_port: int, n: int = 400) -> dict:
-    """Sequential routing requests with the trace's 128-block prompts against the live router
-    (256 workers, a warm index): round trip as the gateway sees it, and the router's own histogram
-    of decision time (index lookup included) over these probes. For the breakdown, interleaved
-    with them: the kv-index's overlap query alone, and a request answered from memory (a simulated
-    worker's stats: the cost of a NATS round trip between two processes on this machine)."""
-    from kvmesh.libs.bus import Bus
-    from kvmesh.loadtest.load_report import pct_ms
-    from kvmesh.schemas.messages import (
-        OverlapRequest,
-        OverlapResult,
-        RouteReply,
-        RouteRequest,
-        RouteResult,
-        StatsRequest,
-        Subjects,
-        WorkerStats,
-    )
-
-    bus = await Bus.connect(nats_url, "prefix-bench-latency")
-    before = scrape_decision_buckets(metrics_port)
-    rtts: dict[str, list[float]] = {"route": [], "overlap": [], "stats": []}
-    blocks = set()
-
-    async def timed(kind: str, subject: str, msg, reply_type):
-        t = time.perf_counter()
-        reply = await bus.request(subject, msg, reply_type, timeout=5)
-        rtts[kind].append(time.perf_counter() - t)
-        return reply
-
-    for i in range(n):
-        r = trace[i % len(trace)]
-        req = RouteRequest(
-            request_id=f"probe-{i}", num_tokens=len(r.token_ids), max_tokens=16, block_hashes=r.block_hashes
-        )
-        reply = await timed("route", Subjects.ROUTER_ROUTE, req, RouteResult)
-        assert isinstance(reply, RouteReply), reply
-        await timed(
-            "overlap", Subjects.KV_INDEX_OVERLAP, OverlapRequest(block_hashes=r.block_hashes), OverlapResult
-        )
-        await timed("stats", Subjects.worker("sim-0", "stats"), StatsRequest(), WorkerStats)
-        blocks.add(len(r.block_hashes))
-    await bus.close()
-    out: dict = {"probes": n, "prompt_blocks": sorted(blocks)}
-    for kind, values in rtts.items():
-        out[f"{kind}_rtt_ms"] = {f"p{q}": round(pct_ms(values, q), 3) for q in (50, 90, 99)}
-    out["router_histogram"] = scrape_decision_histogram(metrics_port)
-    out["router_histogram_probes_ms"] = histogram_quantiles_ms(before, scrape_decision_buckets(metrics_port))
-    out["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return out
-
-
-def scrape_decision_histogram(port: int) -> dict:
-    """kvmesh:router_decision_seconds from the router's /metrics: the share of decisions within each
-    bucket bound (cumulative), over every decision since the router started."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError as exc:
-        return {"error": repr(exc)}
-    buckets, count = {}, 0.0
-    for line in text.splitlines():
-        if line.startswith("kvmesh:router_decision_seconds_bucket"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[le] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("kvmesh:router_decision_seconds_count"):
-            count = float(line.rsplit(" ", 1)[1])
-    if not count:
-        return {"decisions": 0}
-    share = {
-        f"le_{le}s": round(v / count, 5) for le, v in buckets.items() if le in ("0.001", "0.002", "0.005")
-    }
-    return {"decisions": int(count), **share}
-
-
-def scrape_decision_buckets(port: int) -> dict[float, float]:
-    """The cumulative buckets of kvmesh:router_decision_seconds now: upper bound (s) -> count."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("kvmesh:router_decision_seconds_bucket"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[float(le)] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def histogram_quantiles_ms(before: dict[float, float], after: dict[float, float]) -> dict:
-    """p50/p90/p99 of the decisions observed between two scrapes, interpolated linearly within
-    buckets (as Prometheus' histogram_quantile), and the share of them within 1 and 2 ms."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = counts[-1] if counts else 0.0
-    if not total:
-        return {"decisions": 0}
-    out: dict = {"decisions": int(total)}
-    for q in (50, 90, 99):
-        rank = total * q / 100
-        i = next(k for k, c in enumerate(counts) if c >= rank)
-        lo, below = (bounds[i - 1], counts[i - 1]) if i else (0.0, 0.0)
-        hi = bounds[i] if bounds[i] != float("inf") else lo
-        frac = (rank - below) / (counts[i] - below) if counts[i] > below else 1.0
-        out[f"p{q}"] = round((lo + (hi - lo) * frac) * 1e3, 3)
-    for le in (0.001, 0.002):
-        if le in after:
-            out[f"share_le_{le * 1e3:g}ms"] = round(counts[bounds.index(le)] / total, 4)
-    return out
-
-
-def process_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds used so far, resident MiB) of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-    with open(f"/proc/{pid}/status") as f:
-        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return cpu, rss_kib / 1024
 
 
 def run_config(cfg: BenchConfig, scorers: tuple[str, ...], log_root: Path, probe: bool) -> dict:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from kvmesh.libs.bus import Bus
 from kvmesh.libs.engine.async_engine import AsyncLLM
 from kvmesh.libs.engine.engine import EngineStats
-from kvmesh.libs.engine.outputs import RequestOutput
 from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams
+from kvmesh.libs.kv_contract import DEFAULT_BLOCK_SIZE
 from kvmesh.libs.kv_transfer.agent import KVTransferAgent
 from kvmesh.libs.metrics import WORKER_STATS
 from kvmesh.schemas.messages import (
@@ -27,12 +27,11 @@ from kvmesh.schemas.messages import (
     RequestStatusReply,
     StatsRequest,
     Subjects,
-    TokenChunk,
-    TokenLogprobs,
     WorkerStats,
 )
 from kvmesh.services.worker.disagg import DisaggConfig, PrefillServer, RemotePrefill
 from kvmesh.services.worker.telemetry import RequestTelemetry, WorkerTelemetry
+from kvmesh.services.worker.wire import chunk, compile_grammar, grammar_is_cold, rank_of, refusal, to_params
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +44,6 @@ class WorkerConfig:
     role: str = "aggregated"
     heartbeat_interval_s: float = 1.0
     max_waiting: int = 64  # accepted requests not running yet; beyond, generate answers "overloaded"
-
-
-def to_params(req: GenerateRequest) -> SamplingParams:
-    s = req.sampling
-    return SamplingParams(
-        max_tokens=s.max_tokens,
-        min_tokens=s.min_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        seed=s.seed,
-        stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs,
-        resumed_tokens=s.resumed_tokens,
-    )
 
 
 class WorkerService:
@@ -82,12 +65,15 @@ class WorkerService:
         self.prefill_server: PrefillServer | None = None
         self.remote: RemotePrefill | None = None
         self._remote_phase: set[str] = set()  # requests still getting their prompt blocks remotely
+        self._compiling: set[str] = set()  # accepted guided requests whose grammar is being compiled
         self._stop = asyncio.Event()
         # Set by drain() once the generate subscription is gone: from then on new requests find no
         # responder here (after this connection's next round trip to the server).
         self.refusing_new = asyncio.Event()
         engine = llm.engine
-        block_size = engine.config.block_size if engine is not None else 16
+        # how its block hashes are made: published in every heartbeat (libs/kv_contract.py)
+        self.kv_contract = engine.kv_contract if engine is not None else None
+        block_size = engine.config.block_size if engine is not None else DEFAULT_BLOCK_SIZE
         self._max_running = engine.config.max_num_seqs if engine is not None else 0
         self.telemetry = WorkerTelemetry(config.model, config.worker_id, block_size)
 
@@ -113,6 +99,7 @@ class WorkerService:
             local_prefill_fallbacks=self.remote.num_fallbacks if self.remote else 0,
             kv_blocks_pulled=self.agent.blocks_pulled if self.agent else 0,
             kv_bytes_pulled=self.agent.bytes_pulled if self.agent else 0,
+            kv_contract=self.kv_contract,
         )
 
     async def generate(self, req: GenerateRequest) -> GenerateAccepted | ErrorReply:
@@ -126,7 +113,12 @@ class WorkerService:
             return await self._generate_disaggregated(req, telemetry)
         try:
             params = to_params(req)
-            stream = await self.llm.add_request(req.request_id, req.token_ids, params)
+            if grammar_is_cold(self.llm, params):
+                return await self._generate_cold_grammar(req, params, telemetry)
+            await compile_grammar(self.llm, params)
+            stream = await self.llm.add_request(
+                req.request_id, req.token_ids, params, cache_salt=req.cache_salt, rank=rank_of(req)
+            )
         except BaseException as exc:
             telemetry.fail(exc)
             if not isinstance(exc, InvalidRequestError):
@@ -138,6 +130,43 @@ class WorkerService:
         self._pumps[req.request_id] = asyncio.create_task(self._pump(req, stream, telemetry))
         return GenerateAccepted(worker_id=self.config.worker_id)
 
+    async def _generate_cold_grammar(
+        self, req: GenerateRequest, params: SamplingParams, telemetry: RequestTelemetry
+    ) -> GenerateAccepted:
+        """The first guided request here: loading the compiler (xgrammar, the vocabulary) takes seconds,
+        longer than the gateway waits for acceptance, and would cost every worker that never sees a
+        grammar if done at start. So accept once the request is otherwise valid, then compile and queue
+        it; a grammar that does not compile ends its stream with the refusal (a 400 unless streaming)."""
+        await self.llm.call(lambda e: e.validate(req.token_ids, params))
+        self._compiling.add(req.request_id)
+        self._pumps[req.request_id] = asyncio.create_task(self._compile_then_pump(req, params, telemetry))
+        return GenerateAccepted(worker_id=self.config.worker_id)
+
+    async def _compile_then_pump(
+        self, req: GenerateRequest, params: SamplingParams, telemetry: RequestTelemetry
+    ) -> None:
+        assert self.bus is not None
+        rid = req.request_id
+        try:
+            await compile_grammar(self.llm, params)
+            stream = await self.llm.add_request(
+                rid, req.token_ids, params, cache_salt=req.cache_salt, rank=rank_of(req)
+            )
+        except Exception as exc:
+            telemetry.fail(exc)
+            refused = refusal(exc) if isinstance(exc, InvalidRequestError) else None
+            with contextlib.suppress(Exception):
+                reply = refused or ErrorReply(code="internal", message=str(exc))
+                await self.bus.publish(req.stream_subject, reply)
+            self._pumps.pop(rid, None)
+            return
+        except asyncio.CancelledError:  # aborted while compiling
+            self._pumps.pop(rid, None)
+            raise
+        finally:
+            self._compiling.discard(rid)
+        await self._pump(req, stream, telemetry)
+
     async def _generate_disaggregated(
         self, req: GenerateRequest, telemetry: RequestTelemetry
     ) -> GenerateAccepted | ErrorReply:
@@ -145,10 +174,12 @@ class WorkerService:
         and pull them while this worker keeps decoding its other requests."""
         try:
             params = to_params(req)
+            if not grammar_is_cold(self.llm, params):  # cold: compiled after acceptance (see below)
+                await compile_grammar(self.llm, params)
             await self.llm.call(lambda e: e.validate(req.token_ids, params))
         except InvalidRequestError as exc:
             telemetry.fail(exc)
-            return _refusal(exc)
+            return refusal(exc)
         self._remote_phase.add(req.request_id)
         self._pumps[req.request_id] = asyncio.create_task(self._remote_then_pump(req, params, telemetry))
         return GenerateAccepted(worker_id=self.config.worker_id)
@@ -159,20 +190,31 @@ class WorkerService:
         assert self.bus is not None and self.remote is not None and req.prefill_worker_id
         rid = req.request_id
         try:
-            commit = await self.remote.prepare(rid, req.token_ids, req.prefill_worker_id, telemetry)
+            await compile_grammar(self.llm, params)  # cached by now unless the compiler was cold
+            commit = await self.remote.prepare(
+                rid, req.token_ids, req.prefill_worker_id, telemetry, req.cache_salt
+            )
             try:
-                stream = await self.llm.add_request(rid, req.token_ids, params, before=commit)
+                stream = await self.llm.add_request(
+                    rid, req.token_ids, params, before=commit, cache_salt=req.cache_salt, rank=rank_of(req)
+                )
             except Exception:
                 if commit is None:
                     raise
                 log.exception("committing pulled blocks of %s failed: prefilling locally", rid)
                 await self.llm.call(lambda e: e.transfers.cancel(f"pull-{rid}"))
-                stream = await self.llm.add_request(rid, req.token_ids, params)
+                stream = await self.llm.add_request(
+                    rid, req.token_ids, params, cache_salt=req.cache_salt, rank=rank_of(req)
+                )
         except Exception as exc:
-            log.exception("request %s failed before its first step", rid)
             telemetry.fail(exc)
+            if isinstance(exc, InvalidRequestError):  # a grammar that does not compile: the client's
+                reply = refusal(exc)
+            else:
+                log.exception("request %s failed before its first step", rid)
+                reply = ErrorReply(code="internal", message=str(exc))
             with contextlib.suppress(Exception):
-                await self.bus.publish(req.stream_subject, ErrorReply(code="internal", message=str(exc)))
+                await self.bus.publish(req.stream_subject, reply)
             self._pumps.pop(rid, None)
             return
         except asyncio.CancelledError:  # aborted while its blocks were on the way
@@ -183,7 +225,7 @@ class WorkerService:
         await self._pump(req, stream, telemetry)
 
     def abort(self, request_id: str) -> None:
-        if request_id in self._remote_phase:
+        if request_id in self._remote_phase or request_id in self._compiling:
             task = self._pumps.get(request_id)
             if task is not None:
                 task.cancel()
@@ -205,7 +247,7 @@ class WorkerService:
                     return
                 telemetry.output(out)
                 if out.new_token_ids:
-                    await self.bus.publish(subject, _chunk(out), traced=False)
+                    await self.bus.publish(subject, chunk(out), traced=False)
                 if out.finished:
                     await self.bus.publish(
                         subject,
@@ -302,21 +344,3 @@ class WorkerService:
                 await asyncio.wait(pending, timeout=5)
         self._stop.set()  # the prefill server's lease loop
         return len(pending) if pumps else 0
-
-
-def _refusal(exc: InvalidRequestError) -> ErrorReply:
-    code = "prompt_too_long" if "context" in str(exc) or "do not fit" in str(exc) else "invalid_request"
-    return ErrorReply(code=code, message=str(exc), field=exc.field)
-
-
-def _chunk(out: RequestOutput) -> TokenChunk:
-    lps = None
-    if out.new_logprobs is not None:
-        lps = [
-            TokenLogprobs(
-                logprob=lp.logprob, top_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top]
-            )
-            for lp in out.new_logprobs
-        ]
-    first = out.num_output_tokens - len(out.new_token_ids)
-    return TokenChunk(token_ids=out.new_token_ids, first_index=first, logprobs=lps)

@@ -40,7 +40,10 @@ MAX_TOKENS = 24
 
 
 def chats() -> list[list[dict]]:
-    out = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    # every other question (and the two long ones): 14 prompts still overflow the small cache, and
+    # each costs transformers ~2-3 s of fp32 generate on an AVX2 CPU
+    questions = QUESTIONS[:16:2] + QUESTIONS[17:19]
+    out = [[{"role": "user", "content": q}] for q in questions]
     # multi-turn chats share a whole earlier turn with another prompt: prefix-cache hits inside the batch
     out.append(
         [
@@ -60,8 +63,8 @@ def chats() -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def llm(default_model_path):
-    # 40 blocks of 16 tokens cannot hold 22 prompts of 40-90 tokens plus outputs: preemption is forced.
-    return LLM(str(default_model_path), dtype="float32", num_kv_blocks=40, max_num_batched_tokens=64)
+    # 28 blocks of 16 tokens cannot hold 14 prompts of 40-90 tokens plus outputs: preemption is forced.
+    return LLM(str(default_model_path), dtype="float32", num_kv_blocks=28, max_num_batched_tokens=64)
 
 
 @pytest.fixture(scope="module")
