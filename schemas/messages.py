@@ -31,12 +31,40 @@ class ErrorReply(Message, tag=_tag("ErrorReply")):
     field: str | None = None  # the offending request field, for invalid_request
 
 
+# --- the KV contract -----------------------------------------------------------------------------
+
+
+class KVContract(Message, tag=_tag("KVContract"), kw_only=True):
+    """What makes two processes' block hashes comparable (libs/kv_contract.py derives it). Every
+    worker publishes its own (heartbeat, KV-event stream header); the router, the tokenizer and the
+    index hold workers to theirs, and the router refuses a worker whose contract differs."""
+
+    version: int = 1  # of the rules below: bump when the hash function or the extra-key layout changes
+    block_size: int  # tokens per block; only full blocks are hashed
+    hash_seed: int  # xxh3-64 seed of every block hash (KVMESH_HASH_SEED)
+    hash_namespace: str  # the model's name, an extra key of every block (kv_contract.hash_namespace)
+    # How a request's cache_salt enters the hashes: "first_block": as an extra key of its first block
+    # only (vLLM's rule), so a salted prompt shares no block with an unsalted or differently salted one.
+    cache_salt_rule: str = "first_block"
+
+
 # --- tokenizer: kvmesh.tokenizer.encode / kvmesh.tokenizer.detokenize ---------------------------------
+
+
+class ToolCall(Message):
+    """A function call an assistant message made (OpenAI's `tool_calls[]`), as the chat template gets it."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it; the tokenizer parses it for the template
 
 
 class ChatMessage(Message):
     role: str
     content: str
+    tool_calls: list[ToolCall] = []  # an assistant turn's calls
+    tool_call_id: str | None = None  # a `tool` message: the call it answers
+    name: str | None = None  # a `tool` message: the function's name (some templates print it)
 
 
 class EncodeRequest(Message, tag=_tag("EncodeRequest")):
@@ -45,7 +73,11 @@ class EncodeRequest(Message, tag=_tag("EncodeRequest")):
     prompt: str | None = None  # plain text
     token_ids: list[int] | None = None  # already tokenized: only hashed
     add_generation_prompt: bool = True
-    cache_salt: str | None = None  # per-tenant prefix-cache namespace
+    cache_salt: str | None = None  # per-tenant prefix-cache isolation (KVContract.cache_salt_rule)
+    # Chat only. `tools`: OpenAI's `tools` list as JSON text, handed to the chat template (a template
+    # that has no tools section gets them as a system message: services/tokenizer/tool_prompt.py).
+    tools: str | None = None
+    chat_template_kwargs: str | None = None  # a JSON object: extra variables for the chat template
 
 
 class EncodeReply(Message, tag=_tag("EncodeReply")):
@@ -70,6 +102,7 @@ class RouteRequest(Message, tag=_tag("RouteRequest")):
     num_tokens: int
     max_tokens: int
     block_hashes: list[int] = []
+    block_size: int = 0  # of block_hashes (EncodeReply.block_size); 0: not said
     session_id: str | None = None  # affinity key (OpenAI `user` or a header)
     exclude: list[str] = []  # workers not to pick (already failed for this request)
 
@@ -97,6 +130,15 @@ class RouterHealth(Message, tag=_tag("RouterHealth")):
 # --- workers: kvmesh.worker.<id>.generate / .abort / .stats, kvmesh.worker.heartbeat ---------------------
 
 
+class GuidedSpec(Message, tag=_tag("GuidedSpec")):
+    """Guided decoding: the grammar the output must follow, compiled on the worker (xgrammar; a cache
+    of compiled grammars keyed by kind + value) and enforced as a token mask (libs/engine/guided.py)."""
+
+    kind: str  # json_schema | json_object | regex | choice | grammar
+    value: str = ""  # the JSON schema (JSON text) | - | the regex | a JSON list of strings | EBNF
+    field: str = "response_format"  # the request field it came from: errors name it
+
+
 class SamplingOptions(Message):
     """The engine-side sampling knobs (stop strings stay at the gateway, which detokenizes)."""
 
@@ -109,9 +151,19 @@ class SamplingOptions(Message):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    # vLLM's penalties: frequency / presence over the output (resumed tokens included), repetition over
+    # prompt and output; 0, 0 and 1 are off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    min_p: float = 0.0  # 0: off
     # A migrated request: the last `resumed_tokens` prompt tokens are its own earlier output (max_tokens
     # and min_tokens count what is left); a seeded sampler skips the draws those tokens used.
     resumed_tokens: int = 0
+    # The output follows this grammar; a migrated request's grammar state is advanced over the
+    # resumed tokens first.
+    guided: GuidedSpec | None = None
 
 
 class GenerateRequest(Message, tag=_tag("GenerateRequest")):
@@ -125,6 +177,12 @@ class GenerateRequest(Message, tag=_tag("GenerateRequest")):
     # even beyond the waiting bound (refusing it would lose an admitted request; bounded by the
     # admitted requests of the lost worker).
     migrated: bool = False
+    cache_salt: str | None = None  # per-tenant prefix-cache isolation: hashed as the tokenizer did
+    # The worker's scheduling order, lower first (libs/engine/scheduler.py): the request's priority
+    # band, then how many requests its tenant had in flight at the gateway when it was dispatched
+    # (a tenant with little in flight goes ahead of another tenant's burst).
+    priority: int = 0
+    tenant_inflight: int = 0
 
 
 class GenerateAccepted(Message, tag=_tag("GenerateAccepted")):
@@ -160,6 +218,7 @@ class WorkerStats(Message, tag=_tag("WorkerStats")):
     kv_blocks_pulled: int = 0
     kv_bytes_pulled: int = 0
     integrity_error: str | None = None  # set only when asked (StatsRequest.check_integrity)
+    kv_contract: KVContract | None = None  # how its block hashes are made; None: not published
 
 
 class Heartbeat(Message, tag=_tag("Heartbeat")):
@@ -257,6 +316,8 @@ OverlapResult = OverlapReply | ErrorReply
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     ErrorReply,
+    GuidedSpec,
+    KVContract,
     EncodeRequest,
     EncodeReply,
     DetokenizeRequest,

@@ -43,6 +43,8 @@ class _Add:
     accepted: asyncio.Future | None  # None: accepted already; a late refusal goes on the stream
     hold_blocks: bool = False
     before: Callable[[LLMEngine], object] | None = None  # runs in the engine thread first
+    cache_salt: str | None = None
+    rank: tuple[int, int] = (0, 0)
 
 
 @dataclass(slots=True)
@@ -127,9 +129,13 @@ class AsyncLLM(StreamingLLM):
         params: SamplingParams,
         hold_blocks: bool = False,
         before: Callable[[LLMEngine], object] | None = None,
+        cache_salt: str | None = None,
+        rank: tuple[int, int] = (0, 0),
     ) -> asyncio.Queue:
         """Queue a request; returns the queue its RequestOutputs arrive on. `before` runs in the
         engine thread just ahead of it (e.g. committing pulled KV blocks, so no step runs between).
+        `cache_salt`: its prefix cache is shared only with requests of the same salt. `rank`: the
+        scheduler's order, lower first (scheduler.py).
 
         A plain request is accepted at once: validated here, in the caller's event loop (checks
         against the engine's fixed limits only), and queued without waiting for the engine thread's
@@ -143,10 +149,12 @@ class AsyncLLM(StreamingLLM):
         stream: asyncio.Queue = asyncio.Queue()
         if before is None and not hold_blocks and self.engine is not None:
             self.engine.validate(prompt, params)  # raises InvalidRequestError naming the field
-            self._commands.put(_Add(request_id, prompt, params, stream, None))
+            self._commands.put(_Add(request_id, prompt, params, stream, None, False, None, cache_salt, rank))
             return stream
         accepted = loop.create_future()
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted, hold_blocks, before))
+        self._commands.put(
+            _Add(request_id, prompt, params, stream, accepted, hold_blocks, before, cache_salt, rank)
+        )
         await accepted
         return stream
 
@@ -218,7 +226,9 @@ class AsyncLLM(StreamingLLM):
                 try:
                     if cmd.before is not None:
                         cmd.before(self.engine)
-                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.hold_blocks)
+                    self.engine.add_request(
+                        cmd.request_id, cmd.prompt, cmd.params, cmd.hold_blocks, cmd.cache_salt, cmd.rank
+                    )
                 except Exception as exc:
                     if cmd.accepted is None:
                         self._loop.call_soon_threadsafe(cmd.stream.put_nowait, exc)

@@ -6,12 +6,14 @@ Not thread-safe by design: the async wrapper (async_engine.py) gives it a thread
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher, backend_tokenizer
-from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, hash_seed
+from kvmesh.libs.engine.block_hash import encode_extra_keys, hash_blocks, salted_extra_keys
 from kvmesh.libs.engine.block_pool import BlockPool
 from kvmesh.libs.engine.config import EngineConfig, parse_dtype
+from kvmesh.libs.engine.guided import GrammarCompilerCache, advance_grammar
 from kvmesh.libs.engine.introspection import EngineStats, check_block_refs, engine_stats
 from kvmesh.libs.engine.kv_cache_manager import KVCacheManager
 from kvmesh.libs.engine.kv_memory import alloc_kv_cache
@@ -20,10 +22,16 @@ from kvmesh.libs.engine.model_runner import ModelRunner
 from kvmesh.libs.engine.model_store import resolve_model
 from kvmesh.libs.engine.outputs import RequestOutput, TokenLogprob, request_output
 from kvmesh.libs.engine.request import FinishReason, Request
-from kvmesh.libs.engine.sampling_params import InvalidRequestError, SamplingParams, check_prompt_tokens
+from kvmesh.libs.engine.sampling_params import (
+    InvalidRequestError,
+    SamplingParams,
+    check_logit_bias,
+    check_prompt_tokens,
+)
 from kvmesh.libs.engine.scheduler import Scheduler
 from kvmesh.libs.engine.step_shapes import StepBuckets
 from kvmesh.libs.engine.transfer_blocks import TransferBlocks
+from kvmesh.libs.kv_contract import kv_contract
 from kvmesh.schemas.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
@@ -59,11 +67,15 @@ class LLMEngine:
         )
         buckets = StepBuckets() if config.bucket_step_shapes else StepBuckets.exact()
         self.runner = ModelRunner(self.model, self.kv_cache, bs, buckets, config.cpu_attention_kernel)
-        self.hash_seed = hash_seed(config.hash_seed)
-        self.extra_keys = encode_extra_keys(self.model_path.name)
+        # what its block hashes mean to the rest of the mesh (published in the worker's heartbeats)
+        self.kv_contract = kv_contract(config.model, bs, config.hash_seed)
+        self.hash_seed = self.kv_contract.hash_seed
+        self.extra_keys = encode_extra_keys(self.kv_contract.hash_namespace)
         self.requests: dict[str, Request] = {}
         self.transfers = TransferBlocks(self.pool)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._grammars: GrammarCompilerCache | None = None  # guided decoding, built on first use
+        self._grammars_lock = threading.Lock()  # the worker compiles off the engine thread too
 
     # -- requests --------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -84,7 +96,8 @@ class LLMEngine:
         token_ids = self.tokenize_prompt(prompt)
         if not token_ids:
             raise InvalidRequestError("prompt", "is empty")
-        check_prompt_tokens(token_ids, self.model.cfg.vocab_size, self.max_model_len, self.kv)
+        check_prompt_tokens(token_ids, self.model.cfg.vocab_size, self.max_model_len, self.kv.capacity_tokens)
+        check_logit_bias(params, self.model.cfg.vocab_size)
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need the engine's tokenizer")
         return token_ids
@@ -95,9 +108,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         hold_blocks: bool = False,
+        cache_salt: str | None = None,
+        rank: tuple[int, int] = (0, 0),
     ) -> Request:
         """Validate and queue a request. Raises InvalidRequestError naming the bad field.
-        `hold_blocks`: when it finishes, keep its blocks pinned (see release_held)."""
+        `hold_blocks`: when it finishes, keep its blocks pinned (see release_held). `cache_salt`:
+        its prefix is shared only with requests of the same salt (block_hash.py). `rank`: the
+        scheduler's order, lower first (scheduler.py)."""
         if request_id in self.requests or request_id in self.transfers.held:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         token_ids = self.validate(prompt, params)
@@ -110,15 +127,39 @@ class LLMEngine:
             params=params,
             extra_keys=self.extra_keys,
             hash_seed=self.hash_seed,
+            cache_salt=cache_salt,
+            first_block_keys=salted_extra_keys(self.extra_keys, cache_salt),
             stop_token_ids=tuple(sorted(stop_ids)),
             hold_blocks=hold_blocks,
+            rank=rank,
         )
+        if params.guided is not None:
+            req.guided = self.grammars.state(params.guided, req.stop_token_ids)
+            if params.resumed_tokens:  # a migrated request: its earlier output ends the prompt
+                req.guided.resume(token_ids[-params.resumed_tokens :])
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self._backend_tokenizer, params.skip_special_tokens)
             req.stop_matcher = StopStringMatcher(params.stop_strings, params.include_stop_str_in_output)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
+
+    @property
+    def grammars_loaded(self) -> bool:
+        return self._grammars is not None
+
+    @property
+    def grammars(self) -> GrammarCompilerCache:
+        """Guided decoding's compiler and compiled-grammar cache (xgrammar loads on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                tokenizer = self.tokenizer
+                if tokenizer is None:  # a worker's engine (the gateway detokenizes): the vocabulary only
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+                self._grammars = GrammarCompilerCache(tokenizer, self.model.cfg.vocab_size)
+            return self._grammars
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; its final output comes from the next step()."""
@@ -152,6 +193,8 @@ class LLMEngine:
 
     def _append_token(self, req: Request, token: int, lp, now: float) -> RequestOutput:
         reason = req.append_output_token(token, now, self.max_model_len)
+        if req.guided is not None and advance_grammar(req.guided, req.request_id, token):
+            reason = FinishReason.STOP  # the grammar is complete (or refused the token)
         params = req.params
         text = ""
         if req.detokenizer is not None and req.stop_matcher is not None:
@@ -174,9 +217,11 @@ class LLMEngine:
         return out
 
     # -- KV transfer ------------------------------------------------------------------------------
-    def num_cached_prefix_blocks(self, token_ids: list[int]) -> int:
-        """How many leading full blocks of `token_ids` this engine's prefix cache holds now."""
-        hashes = hash_blocks(token_ids, self.config.block_size, self.extra_keys, self.hash_seed)
+    def num_cached_prefix_blocks(self, token_ids: list[int], cache_salt: str | None = None) -> int:
+        """How many leading full blocks of `token_ids` (salted with `cache_salt`) this engine's prefix
+        cache holds now."""
+        first = salted_extra_keys(self.extra_keys, cache_salt)
+        hashes = hash_blocks(token_ids, self.config.block_size, self.extra_keys, self.hash_seed, None, first)
         n = 0
         for h in hashes:
             if self.pool.lookup(h) is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,10 @@ from kvmesh.libs.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kvmesh.libs.engine.block_hash import BlockHash, hash_block, root_hash
 from kvmesh.libs.engine.block_pool import KVBlock
 from kvmesh.libs.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvmesh.libs.engine.guided import GuidedState
+    from kvmesh.libs.engine.token_counts import TokenCounts
 
 
 class RequestStatus(enum.Enum):
@@ -31,10 +36,15 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    extra_keys: bytes  # block-hash namespace (model, lora, cache salt)
+    extra_keys: bytes  # block-hash namespace (model, lora)
     hash_seed: int
+    cache_salt: str | None = None  # per-tenant isolation: an extra key of the first block only
+    first_block_keys: bytes | None = None  # the first block's extra keys when salted (salted_extra_keys)
     stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + params.stop_token_ids
     hold_blocks: bool = False  # on finishing keep the blocks pinned for a KV transfer (prefill role)
+    # The scheduler's order, lower first (scheduler.py): (priority band, then the tenant's requests in
+    # flight when the gateway dispatched it); equal ranks keep their arrival order.
+    rank: tuple[int, int] = (0, 0)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
@@ -45,6 +55,8 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    guided: GuidedState | None = None  # its grammar's matcher (guided.py), when the output is constrained
+    token_counts: TokenCounts | None = None  # the penalties' statistics (token_counts.py), on first use
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -95,8 +107,9 @@ class Request:
         full = len(self.token_ids) // block_size
         prev = hashes[-1] if hashes else root_hash(self.hash_seed)
         for i in range(len(hashes), full):
+            keys = self.first_block_keys if i == 0 and self.first_block_keys else self.extra_keys
             prev = hash_block(
-                prev, self.token_ids[i * block_size : (i + 1) * block_size], self.extra_keys, self.hash_seed
+                prev, self.token_ids[i * block_size : (i + 1) * block_size], keys, self.hash_seed
             )
             hashes.append(prev)
         return hashes

@@ -1,9 +1,12 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, per-request seeds, min_tokens, logprobs.
+"""Batched sampling: greedy, temperature, top-k, top-p, min_p, per-request seeds, min_tokens, logit_bias,
+the repetition / frequency / presence penalties (logits_processors.py), logprobs.
 
-Everything is vectorised over the batch; rows differ only in their parameters. Random rows sample
-with the exponential race (argmax of p / q with q ~ Exp(1)), which equals multinomial sampling and
-lets a seeded request draw its noise from its own generator, so its output does not depend on what
-else is in the batch.
+Everything is vectorised over the batch; rows differ only in their parameters. The order is vLLM's:
+min_tokens' masked stop tokens, logit_bias, penalties, then greedy argmax or temperature, min_p,
+top-k / top-p and the draw. Logprobs are the model's own (before any of these), as vLLM's default.
+Random rows sample with the exponential race (argmax of p / q with q ~ Exp(1)), which equals
+multinomial sampling and lets a seeded request draw its noise from its own generator, so its output
+does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from kvmesh.libs.engine.guided import mask_logits
+from kvmesh.libs.engine.logits_processors import apply_logit_bias, apply_min_p, apply_penalties
 from kvmesh.libs.engine.request import Request
 
 
@@ -28,12 +33,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         """logits: float32 [len(reqs), vocab], one row per request."""
         raw = logits
-        for i, req in enumerate(reqs):
-            if req.num_output_tokens < req.params.min_tokens and req.stop_token_ids:
-                if raw is logits:
-                    logits = logits.clone()
-                logits[i, list(req.stop_token_ids)] = float("-inf")
-
+        if any(r.guided is not None for r in reqs):  # guided decoding: one bitmask for the batch
+            logits = mask_logits(logits, [r.guided for r in reqs])
+        logits = self._processed(logits, reqs)
         params = [r.params for r in reqs]
         greedy = all(p.greedy for p in params)
         tokens = logits.argmax(-1) if greedy else self._sample(logits, reqs)
@@ -52,11 +54,33 @@ class Sampler:
                 logprobs[i] = (chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n], strict=True)))
         return SampleResult(token_list, logprobs)
 
+    def _processed(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The logits with min_tokens, logit_bias and the penalties applied: a copy, or `logits` itself
+        when no row asks for any of them."""
+        held_stops = [
+            i for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens and r.stop_token_ids
+        ]
+        bias = any(r.params.logit_bias for r in reqs)
+        penalties = any(r.params.has_penalties for r in reqs)
+        if not (held_stops or bias or penalties):
+            return logits
+        logits = logits.clone()
+        for i in held_stops:
+            logits[i, list(reqs[i].stop_token_ids)] = float("-inf")
+        if bias:
+            apply_logit_bias(logits, reqs)
+        if penalties:
+            apply_penalties(logits, reqs)
+        return logits
+
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         params = [r.params for r in reqs]
         greedy_rows = torch.tensor([p.greedy for p in params])
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params]).unsqueeze(1)
         scaled = logits / temps
+        min_ps = [p.min_p for p in params]
+        if any(min_ps):
+            scaled = apply_min_p(scaled, torch.tensor(min_ps))
         top_ks = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
         top_ps = [p.top_p for p in params]
         if any(k < self.vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps):

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 from tokenizers import Tokenizer
 
+import kvmesh
 from kvmesh.libs.bus import Bus
 from kvmesh.services.gateway.admission import InflightLimit
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
@@ -43,14 +44,18 @@ from kvmesh.services.gateway.openapi import (
     HealthResponse,
     ModelList,
     TokenizeResponse,
+    VersionResponse,
     errors,
     install_openapi,
 )
 from kvmesh.services.gateway.params import GenerationParams, Limits, PromptInput, Timeouts
 from kvmesh.services.gateway.readiness import Readiness
+from kvmesh.services.gateway.request_fields import refuse_unhonoured
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
 from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
 from kvmesh.services.gateway.telemetry import GatewayTelemetry, fastapi_telemetry
+from kvmesh.services.gateway.tool_parsers import get_parser
+from kvmesh.services.gateway.tools import ToolChatShaper
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,7 +125,10 @@ def create_app(
     )
     limits = Limits(config.max_prompt_tokens, config.max_tokens_cap, config.max_migrations)
     flow_config = FlowConfig(
-        max_queue=config.max_queue, queue_ttl_s=config.queue_ttl, worker_headroom=config.worker_headroom
+        max_queue=config.max_queue,
+        queue_ttl_s=config.queue_ttl,
+        worker_headroom=config.worker_headroom,
+        tenant_rank=bool(config.tenant_rank),
     )
     flow = FlowController(flow_config)
     FLOWS.add(flow, served.name)  # its queue depth and outcomes on /metrics
@@ -137,7 +145,7 @@ def create_app(
     app.state.admission = admission
     app.state.flow = flow
     app.state.generator = generator
-    app.state.readiness = readiness = Readiness(bus)
+    app.state.readiness = readiness = Readiness(bus, flow, generator.watch_workers)
     # Pure ASGI, the last added runs first: authentication, then the body-size limit.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
@@ -182,6 +190,10 @@ def create_app(
             texts if params.logprobs is not None else None,
             body.include_usage,
         )
+        if isinstance(body, CompletionRequest) and isinstance(shaper, CompletionShaper):
+            shaper.echo = body.echo_text(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        if params.tools is not None:  # chat with tools: calls parsed out of the text (tools.py)
+            shaper = ToolChatShaper(shaper, params.tools, get_parser(config.tool_call_parser))
         observed = telemetry.request(shaper.request_id, request.url.path, body.stream)  # the trace's root
         try:
             if body.stream:
@@ -249,7 +261,12 @@ def create_app(
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
+        refuse_unhonoured(body.model_extra)
         return {"prompt": await generator.detokenize(body.tokens)}
+
+    @app.get("/version", response_model=VersionResponse, responses=errors(401))
+    async def version() -> dict[str, str]:
+        return {"version": kvmesh.__version__}
 
     @app.get("/health", response_model=HealthResponse, responses=errors(503))
     async def health() -> Response:
@@ -261,22 +278,22 @@ def create_app(
     async def ready() -> Response:
         """200 when a worker can take requests (readiness), unlike /health (liveness): readiness.py."""
         await readiness.start()
-        now = time.monotonic()
-        if reason := readiness.reason_not_ready(now):
+        if reason := readiness.reason_not_ready():
             return _error_response(GatewayError.unavailable(reason, "not_ready"))
-        return JSONResponse({"status": "ready", "workers": readiness.serving_workers(now)})
+        return JSONResponse({"status": "ready", "workers": readiness.serving_workers()})
 
     return app
 
 
 TENANT_HEADER = "x-tenant-id"  # flow control's fairness key when the body has no `user`
 PRIORITY_HEADER = "x-request-priority"  # its band when the body has no `priority` (lower goes first)
+CACHE_SALT_HEADER = "x-cache-salt"  # the prefix-cache namespace when the body has no `cache_salt`
 
 
 def flow_keys(
     prompt_params: tuple[PromptInput, GenerationParams], body: Any, request: Request
 ) -> tuple[PromptInput, GenerationParams]:
-    """The request's priority band and tenant: the body's fields, else the headers."""
+    """The request's priority band, tenant and cache salt: the body's fields, else the headers."""
     prompt, params = prompt_params
     changes: dict[str, Any] = {}
     if body.priority is None and (value := request.headers.get(PRIORITY_HEADER)) is not None:
@@ -286,6 +303,8 @@ def flow_keys(
             raise GatewayError.invalid(f"{PRIORITY_HEADER} must be an integer, got {value!r}") from None
     if not body.user and (tenant := request.headers.get(TENANT_HEADER)):
         changes["tenant"] = tenant
+    if body.cache_salt is None and (salt := request.headers.get(CACHE_SALT_HEADER)):
+        changes["cache_salt"] = salt
     return prompt, dataclasses.replace(params, **changes) if changes else params
 
 

@@ -97,6 +97,9 @@ class Generator:
         front = False
         while True:
             slot = await self._room(params, front, deadline)
+            # the worker's scheduling order: the band, then this tenant's load (the fewer, the sooner)
+            submission.generate.priority = params.priority
+            submission.generate.tenant_inflight = slot.tenant_inflight
             try:
                 return await self.dispatcher.dispatch(submission), slot
             except GatewayError as exc:
@@ -110,13 +113,18 @@ class Generator:
                 slot.release()
                 raise
 
-    async def encode(self, request_id: str, prompt: PromptInput) -> EncodeReply:
+    async def encode(
+        self, request_id: str, prompt: PromptInput, cache_salt: str | None = None
+    ) -> EncodeReply:
         req = EncodeRequest(
             request_id=request_id,
             messages=prompt.messages,
             prompt=prompt.text,
             token_ids=prompt.token_ids,
             add_generation_prompt=prompt.add_generation_prompt,
+            cache_salt=cache_salt,
+            tools=prompt.tools,
+            chat_template_kwargs=prompt.chat_template_kwargs,
         )
         chars = len(prompt.text or "") + sum(len(m.content) for m in prompt.messages or ())
         try_timeout = tokenizer_try_timeout(self.timeouts.tokenizer_try, chars, len(prompt.token_ids or ()))
@@ -154,7 +162,7 @@ class Generator:
             raise GatewayError.invalid(
                 f"max_tokens must be at most {cap}, got {params.max_tokens}", "max_tokens"
             )
-        encoded = await self.encode(request_id, prompt)
+        encoded = await self.encode(request_id, prompt, params.cache_salt)
         num_prompt = len(encoded.token_ids)
         if self.limits.max_prompt_tokens and num_prompt > self.limits.max_prompt_tokens:
             raise GatewayError.invalid(
@@ -170,16 +178,23 @@ class Generator:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
+            min_p=params.min_p,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=dict(params.logit_bias or {}),
             seed=params.seed,
             stop_token_ids=list(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
+            guided=params.guided,
         )
         route_req = RouteRequest(
             request_id=request_id,
             num_tokens=num_prompt,
             max_tokens=max_tokens,
             block_hashes=encoded.block_hashes,
+            block_size=encoded.block_size,
             session_id=params.session_id,
         )
         gen_req = GenerateRequest(
@@ -187,6 +202,7 @@ class Generator:
             token_ids=encoded.token_ids,
             sampling=sampling,
             stream_subject=Subjects.stream(request_id),
+            cache_salt=params.cache_salt,
         )
         submission = Submission(route_req, gen_req)
         await self.watch_workers()

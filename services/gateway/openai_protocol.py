@@ -1,19 +1,26 @@
 """OpenAI request bodies (pydantic) and their translation into the mesh's prompt and parameters.
 
 Field checks that pydantic can state (ranges, types) live on the fields, so FastAPI reports them with
-the field's name; checks across fields raise GatewayError from `prompt_and_params()`. Unknown fields
-are ignored (as OpenAI-compatible servers such as vLLM do); `null` means "the default" everywhere.
+the field's name; checks across fields raise GatewayError from `prompt_and_params()`. A field a body
+does not declare is never ignored silently: request_fields.py holds the rule (a 400 naming it unless it
+asks for nothing); `null` means "the default" everywhere.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kvmesh.schemas.messages import ChatMessage
+from kvmesh.schemas.messages import ChatMessage, ToolCall
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.params import GenerationParams, PromptInput
+from kvmesh.services.gateway.request_fields import refuse_unhonoured
+from kvmesh.services.gateway.structured import GuidedFields
+from kvmesh.services.gateway.tools import ToolCallIn, ToolFields
 
 MAX_LOGPROBS = 20  # the engine's limit (libs/engine/sampling_params.py)
 # Integers go onto the wire as msgpack (64 bits at most): bound them here, so that an absurd value is
@@ -34,6 +41,9 @@ class TextPart(_Body):
 class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
+    name: str | None = None
 
     def to_wire(self) -> ChatMessage:
         content = self.content
@@ -43,16 +53,23 @@ class ChatMessageIn(_Body):
             content = "\n".join(part.text for part in content)
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=content)
+        calls = [
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in self.tool_calls or ()
+        ]
+        return ChatMessage(
+            role=role, content=content, tool_calls=calls, tool_call_id=self.tool_call_id, name=self.name
+        )
 
 
 class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
-class _SamplingBody(_Body):
+class _SamplingBody(GuidedFields, _Body):  # GuidedFields: response_format, guided_* (structured.py)
     """Fields shared by /v1/chat/completions and /v1/completions (OpenAI's, then vLLM's extras)."""
 
+    model_config = ConfigDict(extra="allow")  # undeclared fields: request_fields.refuse_unhonoured
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -65,14 +82,19 @@ class _SamplingBody(_Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None  # keys: "<token id>"
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1, lt=2**31)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2**31)
     min_tokens: int | None = Field(None, ge=0, lt=INT64)
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     priority: int | None = Field(None, ge=-(2**31), lt=2**31)  # flow control: lower goes first (vLLM)
+    # vLLM's: the tenant's prefix-cache namespace; salted prompts share blocks only with the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("n")
     @classmethod
@@ -88,9 +110,7 @@ class _SamplingBody(_Body):
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_param: str) -> GenerationParams:
         if self.stream_options is not None and not self.stream:
             raise GatewayError.invalid("stream_options is only allowed with stream=true", "stream_options")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise GatewayError.invalid(f"{name} is not supported (only 0)", name)
+        refuse_unhonoured(self.model_extra)
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return GenerationParams(
             max_tokens=max_tokens,
@@ -98,6 +118,11 @@ class _SamplingBody(_Body):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.logit_bias or None,
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -108,16 +133,19 @@ class _SamplingBody(_Body):
             session_id=self.user,
             priority=self.priority or 0,
             tenant=self.user or "",
+            cache_salt=self.cache_salt,
             prompt_param=prompt_param,
+            guided=self.guided_spec(),
         )
 
 
-class ChatCompletionRequest(_SamplingBody):
+class ChatCompletionRequest(_SamplingBody, ToolFields):  # ToolFields: tools, tool_choice (tools.py)
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool | None = None  # vLLM
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables for the chat template
 
     def prompt_and_params(self) -> tuple[PromptInput, GenerationParams]:
         if self.top_logprobs and not self.logprobs:
@@ -125,9 +153,17 @@ class ChatCompletionRequest(_SamplingBody):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = self._params(max_tokens, logprobs, "messages")
+        plan = self.tool_plan()
+        if plan is not None:
+            if plan.guided is not None and params.guided is not None:
+                message = f"tool_choice {plan.mode} and {params.guided.field} both constrain the output"
+                raise GatewayError.invalid(message, "tool_choice")
+            params = dataclasses.replace(params, tools=plan, guided=plan.guided or params.guided)
         prompt = PromptInput(
             messages=[m.to_wire() for m in self.messages],
             add_generation_prompt=self.add_generation_prompt is not False,
+            tools=plan.template_tools if plan is not None else None,
+            chat_template_kwargs=json.dumps(self.chat_template_kwargs) if self.chat_template_kwargs else None,
         )
         return prompt, params
 
@@ -140,11 +176,19 @@ class CompletionRequest(_SamplingBody):
     suffix: str | None = None
 
     def prompt_and_params(self) -> tuple[PromptInput, GenerationParams]:
-        if self.echo:
-            raise GatewayError.invalid("echo is not supported", "echo")
+        if self.echo and self.logprobs is not None:
+            message = "echo with logprobs is not supported (it needs the prompt's logprobs)"
+            raise GatewayError.invalid(message, "echo")
         if self.suffix:
             raise GatewayError.invalid("suffix is not supported", "suffix")
         return self._prompt(), self._params(self.max_tokens, self.logprobs, "prompt")
+
+    def echo_text(self, decode: Callable[[list[int]], str]) -> str:
+        """What `echo` puts before the completion: the prompt as text ("" without echo)."""
+        if not self.echo:
+            return ""
+        prompt = self._prompt()
+        return prompt.text if prompt.text is not None else decode(prompt.token_ids or [])
 
     def _prompt(self) -> PromptInput:
         p = self.prompt
@@ -164,12 +208,14 @@ class CompletionRequest(_SamplingBody):
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
 
+    model_config = ConfigDict(extra="allow")  # undeclared fields: request_fields.refuse_unhonoured
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
     add_generation_prompt: bool | None = None
 
     def prompt_input(self) -> PromptInput:
+        refuse_unhonoured(self.model_extra)
         if (self.prompt is None) == (self.messages is None):
             raise GatewayError.invalid("give exactly one of prompt and messages", "prompt")
         if self.messages is not None:
@@ -181,5 +227,7 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
+    model_config = ConfigDict(extra="allow")  # undeclared fields: request_fields.refuse_unhonoured
+
     model: str | None = None
     tokens: list[TokenId]

@@ -16,7 +16,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-FinishReason = Literal["stop", "length", "abort"]  # libs/engine/request.py FinishReason
+# libs/engine/request.py FinishReason; tool_calls: the answer holds tool calls (tools.py)
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ErrorDetail(BaseModel):
@@ -64,9 +65,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None: only tool calls
+    tool_calls: list[ToolCallOut] | None = None  # requests with tools (tools.py)
 
 
 class ChatChoice(BaseModel):
@@ -101,9 +114,22 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None  # in a call's first delta
+    arguments: str | None = None  # a piece of the JSON text
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None  # in a call's first delta
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -169,6 +195,10 @@ class DetokenizeResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok"]
+
+
+class VersionResponse(BaseModel):
+    version: str  # kvmesh's package version
 
 
 _ERRORS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvmesh.schemas.messages import ChatMessage, TokenLogprobs
+from kvmesh.schemas.messages import ChatMessage, GuidedSpec, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +16,18 @@ class PromptInput:
     text: str | None = None
     token_ids: list[int] | None = None
     add_generation_prompt: bool = True
+    tools: str | None = None  # chat: the tools for the template, JSON text (tools.py)
+    chat_template_kwargs: str | None = None  # chat: a JSON object of extra template variables
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """How a chat request with tools asks for calls and how they are read back (tools.py)."""
+
+    mode: str  # auto | required | named (none needs no plan)
+    template_tools: str  # the tools as JSON text, for the chat template
+    forced: str | None = None  # named: the function
+    guided: GuidedSpec | None = None  # required / named: the grammar of the output
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +39,11 @@ class GenerationParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
@@ -37,7 +54,10 @@ class GenerationParams:
     session_id: str | None = None  # routing affinity (OpenAI `user`)
     priority: int = 0  # flow control's band (vLLM's `priority`: lower goes first)
     tenant: str = ""  # flow control's fairness key: the `user` field, else the X-Tenant-Id header
+    cache_salt: str | None = None  # prefix-cache isolation: the `cache_salt` field, else X-Cache-Salt
     prompt_param: str = "prompt"  # the request field that held the prompt, for error messages
+    guided: GuidedSpec | None = None  # the grammar the output must follow (structured.py, tools.py)
+    tools: ToolPlan | None = None  # chat with tools: how calls are asked for and parsed (tools.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,6 +179,10 @@ class ChatShaper(_Shaper):
 class CompletionShaper(_Shaper):
     object_name = "text_completion"
     chunk_object_name = "text_completion"
+    echo = ""  # `echo`: the prompt's text, sent before the completion
+
+    def opening(self) -> bytes | None:
+        return self.delta(self.echo, None) if self.echo else None
 
     def delta(self, text: str, logprobs: list[OutputLogprob] | None) -> bytes:
         lp = (
@@ -197,7 +201,8 @@ class CompletionShaper(_Shaper):
         self, text: str, logprobs: list[OutputLogprob] | None, reason: str, usage: Usage
     ) -> dict[str, Any]:
         lp = None if logprobs is None or self.texts is None else completion_logprobs(logprobs, self.texts)
-        return self._body({"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}, usage)
+        choice = {"index": 0, "text": self.echo + text, "logprobs": lp, "finish_reason": reason}
+        return self._body(choice, usage)
 
 
 Shaper = ChatShaper | CompletionShaper
