@@ -56,6 +56,9 @@ def _up(args: argparse.Namespace) -> int:
         return 2
     if note:
         print(note, file=sys.stderr)
+    if args.chat_template is not None and not args.chat_template.is_file():
+        print(f"kvmesh: --chat-template: no such file: {args.chat_template}", file=sys.stderr)
+        return 2
     config = MeshConfig(
         model=args.model,
         dtype=args.dtype,
@@ -69,6 +72,8 @@ def _up(args: argparse.Namespace) -> int:
         tokenizer_replicas=args.tokenizer_replicas,
         router_replicas=args.router_replicas,
         kv_index_replicas=args.kv_index_replicas,
+        gateway_args=_gateway_args(args),
+        tokenizer_args=["--chat-template", str(args.chat_template.resolve())] if args.chat_template else [],
     )
     # Convert the default model once here, before several processes want it at the same time.
     from kvmesh.libs.engine.model_store import ModelNotFoundError, resolve_model
@@ -106,6 +111,16 @@ def _up(args: argparse.Namespace) -> int:
     finally:
         print(supervisor.summary(), flush=True)
     return 0
+
+
+def _gateway_args(args: argparse.Namespace) -> list[str]:
+    """The gateway's flags that `kvmesh up` passes through (left out: the gateway's default or env)."""
+    out: list[str] = []
+    if args.tool_call_parser:
+        out += ["--tool-call-parser", args.tool_call_parser]
+    if args.reasoning_parser is not None:
+        out += ["--reasoning-parser", args.reasoning_parser]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +162,27 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--threads-per-worker", type=int, default=0)
     for service in ("tokenizer", "router", "kv-index"):  # queue groups share the work; one index writer
         up.add_argument(f"--{service}-replicas", type=int, default=1, help=f"{service} processes")
+    from kvmesh.services.gateway.reasoning import REASONING_PARSERS
+    from kvmesh.services.gateway.tool_parsers import PARSERS
+
+    up.add_argument(
+        "--tool-call-parser",
+        choices=sorted(PARSERS),
+        default=None,
+        help="the gateway's: how tool_choice auto reads calls (default: hermes)",
+    )
+    up.add_argument(
+        "--reasoning-parser",
+        choices=["", *sorted(REASONING_PARSERS)],
+        default=None,
+        help="the gateway's: split a chat answer's <think> section into reasoning_content (default: off)",
+    )
+    up.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        help="the tokenizer's: a Jinja chat template file that replaces the model's",
+    )
     up.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
     up.add_argument("--ready-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)

@@ -59,6 +59,7 @@ class MeshConfig:
     worker_args: list[str] = field(default_factory=list)
     prefill_worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
+    tokenizer_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # None: children inherit stdout/stderr
     log_level: str = "INFO"
@@ -159,7 +160,8 @@ class Mesh:
         cores = len(os.sched_getaffinity(0))
         num_engines = cfg.num_workers + cfg.num_prefill_workers
         threads = cfg.threads_per_worker or max(1, cores // max(1, num_engines))
-        self._spawn("tokenizer", [py, "-m", "kvmesh.services.tokenizer"], {**common, "KVMESH_THREADS": "1"})
+        argv = [py, "-m", "kvmesh.services.tokenizer", *cfg.tokenizer_args]
+        self._spawn("tokenizer", argv, {**common, "KVMESH_THREADS": "1"})
         argv = [py, "-m", "kvmesh.services.router", *cfg.router_args]
         self._spawn("router", argv, {**common, "KVMESH_THREADS": "1"})
         if self.redis_url:

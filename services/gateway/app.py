@@ -50,8 +50,10 @@ from kvmesh.services.gateway.openapi import (
 )
 from kvmesh.services.gateway.params import GenerationParams, Limits, PromptInput, Timeouts
 from kvmesh.services.gateway.readiness import Readiness
+from kvmesh.services.gateway.reasoning import ReasoningChatShaper, get_reasoning_parser
 from kvmesh.services.gateway.request_fields import refuse_unhonoured
 from kvmesh.services.gateway.responses import ChatShaper, CompletionShaper, TokenTexts, sse_stream
+from kvmesh.services.gateway.responses_api import ResponsesRequest, ShaperFactory, add_responses_route
 from kvmesh.services.gateway.security import ApiKeyAuth, BodyLimit
 from kvmesh.services.gateway.telemetry import GatewayTelemetry, fastapi_telemetry
 from kvmesh.services.gateway.tool_parsers import get_parser
@@ -59,6 +61,7 @@ from kvmesh.services.gateway.tools import ToolChatShaper
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+GenerationBody = ChatCompletionRequest | CompletionRequest | ResponsesRequest
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody receives it
@@ -135,6 +138,7 @@ def create_app(
     generator = Generator(bus, tokenizer, served.max_model_len, timeouts, limits, flow, served.name)
     admission = InflightLimit(config.max_inflight)
     texts = TokenTexts(tokenizer)
+    reasoning = get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser else None
     app = FastAPI(
         title="kvmesh gateway",
         summary="OpenAI-compatible API of the kvmesh serving mesh",
@@ -157,15 +161,12 @@ def create_app(
             raise GatewayError.model_not_found(name or "")
 
     async def complete(
-        request: Request,
-        body: ChatCompletionRequest | CompletionRequest,
-        shaper_type: type[ChatShaper | CompletionShaper],
-        id_prefix: str,
+        request: Request, body: GenerationBody, make_shaper: ShaperFactory, id_prefix: str
     ) -> Response:
         """Within the gateway's in-flight bound (429 beyond it), held until the response has ended."""
         admission.acquire()
         try:
-            response = await run_completion(request, body, shaper_type, id_prefix)
+            response = await run_completion(request, body, make_shaper, id_prefix)
         except BaseException:
             admission.release()
             raise
@@ -176,15 +177,12 @@ def create_app(
         return response
 
     async def run_completion(
-        request: Request,
-        body: ChatCompletionRequest | CompletionRequest,
-        shaper_type: type[ChatShaper | CompletionShaper],
-        id_prefix: str,
+        request: Request, body: GenerationBody, make_shaper: ShaperFactory, id_prefix: str
     ) -> Response:
         check_model(body.model)
         prompt, params = flow_keys(body.prompt_and_params(), body, request)
-        shaper = shaper_type(
-            f"{id_prefix}-{uuid.uuid4().hex}",  # also the request id on NATS, end to end
+        shaper = make_shaper(
+            f"{id_prefix}{uuid.uuid4().hex}",  # also the request id on NATS, end to end
             body.model or served.name,
             int(time.time()),
             texts if params.logprobs is not None else None,
@@ -192,8 +190,11 @@ def create_app(
         )
         if isinstance(body, CompletionRequest) and isinstance(shaper, CompletionShaper):
             shaper.echo = body.echo_text(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-        if params.tools is not None:  # chat with tools: calls parsed out of the text (tools.py)
+        if params.tools is not None and isinstance(shaper, ChatShaper):  # calls read from the text: tools.py
             shaper = ToolChatShaper(shaper, params.tools, get_parser(config.tool_call_parser))
+        if reasoning is not None and isinstance(shaper, ChatShaper) and params.guided is None:
+            # a grammar-constrained answer has no think section: split only free text (reasoning.py)
+            shaper = ReasoningChatShaper(shaper, reasoning)
         observed = telemetry.request(shaper.request_id, request.url.path, body.stream)  # the trace's root
         try:
             if body.stream:
@@ -230,11 +231,13 @@ def create_app(
     # The handlers return ready Response objects (sent as they are): the models document them.
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await complete(request, body, ChatShaper, "chatcmpl")
+        return await complete(request, body, ChatShaper, "chatcmpl-")
 
     @app.post("/v1/completions", response_model=Completion, responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await complete(request, body, CompletionShaper, "cmpl")
+        return await complete(request, body, CompletionShaper, "cmpl-")
+
+    add_responses_route(app, complete, GENERATION_ERRORS)  # POST /v1/responses (responses_api.py)
 
     @app.get("/v1/models", response_model=ModelList, responses=errors(401))
     async def models() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.libs.service import add_common_args, env_default
+from kvmesh.services.gateway.reasoning import REASONING_PARSERS
 from kvmesh.services.gateway.tool_parsers import PARSERS
 
 
@@ -56,6 +57,9 @@ class GatewayConfig:
     # How `tool_choice: auto` finds calls in the model's text (vLLM's --tool-call-parser names):
     # hermes | llama3_json (services/gateway/tool_parsers.py)
     tool_call_parser: str = "hermes"
+    # How a chat answer's think section becomes `reasoning_content` (vLLM's --reasoning-parser names):
+    # deepseek_r1 | qwen3 (services/gateway/reasoning.py); None: the text stays whole
+    reasoning_parser: str | None = None
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewayConfig:
@@ -91,7 +95,15 @@ class GatewayConfig:
             default=env_default("KVMESH_GATEWAY_TOOL_CALL_PARSER", d.tool_call_parser),
             help="how tool calls are read from the model's text with tool_choice auto",
         )
+        p.add_argument(
+            "--reasoning-parser",
+            choices=["", *sorted(REASONING_PARSERS)],
+            default=env_default("KVMESH_GATEWAY_REASONING_PARSER", d.reasoning_parser or ""),
+            help="split a chat answer's <think> section into reasoning_content (default: off)",
+        )
         a = p.parse_args(argv)
+        if a.reasoning_parser and a.reasoning_parser not in REASONING_PARSERS:  # from the environment
+            p.error(f"--reasoning-parser: one of {sorted(REASONING_PARSERS)}, got {a.reasoning_parser!r}")
         for name in _POSITIVE:
             if getattr(a, name) <= 0:
                 p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -110,6 +122,7 @@ class GatewayConfig:
             api_keys=load_api_keys(os.environ.get("KVMESH_API_KEYS", ""), a.api_keys_file),
             log_level=a.log_level,
             tool_call_parser=a.tool_call_parser,
+            reasoning_parser=a.reasoning_parser or None,
         )
 
 

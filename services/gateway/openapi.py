@@ -80,6 +80,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None  # None: only tool calls
     tool_calls: list[ToolCallOut] | None = None  # requests with tools (tools.py)
+    reasoning_content: str | None = None  # with --reasoning-parser: the think section (reasoning.py)
 
 
 class ChatChoice(BaseModel):
@@ -129,6 +130,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser: a piece of the think section
     tool_calls: list[ToolCallDelta] | None = None
 
 

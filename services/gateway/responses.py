@@ -106,8 +106,9 @@ def completion_logprobs(lps: list[OutputLogprob], texts: TokenTexts) -> dict[str
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-class _Shaper:
-    """Per-request response builder; subclasses fill in the choice shapes."""
+class StreamShaper:
+    """Per-request response builder; subclasses fill in the choice shapes (and, for another event
+    format than chat's and completions', `done` and `error_event`)."""
 
     object_name = ""
     chunk_object_name = ""
@@ -139,6 +140,20 @@ class _Shaper:
     def usage(self, usage: Usage) -> bytes:
         return sse_event(self._head + '],"usage":' + _dumps(usage_dict(usage)) + "}")
 
+    def response(
+        self, text: str, logprobs: list[OutputLogprob] | None, reason: str, usage: Usage
+    ) -> dict[str, Any]:
+        """The whole answer (not streamed)."""
+        raise NotImplementedError
+
+    def error_event(self, exc: GatewayError) -> bytes:
+        """A failure after the 200 went out."""
+        return sse_event(_dumps(exc.body()))
+
+    def done(self) -> bytes:
+        """The stream's last event."""
+        return DONE
+
     def _body(self, choice: dict[str, Any], usage: Usage) -> dict[str, Any]:
         return {
             "id": self.request_id,
@@ -150,7 +165,7 @@ class _Shaper:
         }
 
 
-class ChatShaper(_Shaper):
+class ChatShaper(StreamShaper):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
@@ -176,7 +191,7 @@ class ChatShaper(_Shaper):
         return self._body({"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}, usage)
 
 
-class CompletionShaper(_Shaper):
+class CompletionShaper(StreamShaper):
     object_name = "text_completion"
     chunk_object_name = "text_completion"
     echo = ""  # `echo`: the prompt's text, sent before the completion
@@ -205,10 +220,7 @@ class CompletionShaper(_Shaper):
         return self._body(choice, usage)
 
 
-Shaper = ChatShaper | CompletionShaper
-
-
-async def sse_stream(shaper: Shaper, outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[bytes]:
+async def sse_stream(shaper: StreamShaper, outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[bytes]:
     """The SSE body: chunks, the finish chunk, the usage chunk if asked, `[DONE]`. A failure after
     the headers went out becomes an `{"error": ...}` event (the status is 200 by then)."""
     opening = shaper.opening()
@@ -224,8 +236,9 @@ async def sse_stream(shaper: Shaper, outputs: AsyncIterator[GenerationOutput]) -
                     yield shaper.usage(out.usage)
     except GatewayError as exc:
         log.warning("%s: failed mid-stream: %s", shaper.request_id, exc.message)
-        yield sse_event(_dumps(exc.body()))
+        yield shaper.error_event(exc)
     except Exception as exc:
         log.exception("%s: failed mid-stream", shaper.request_id)
-        yield sse_event(_dumps(GatewayError.internal(f"internal error: {type(exc).__name__}").body()))
-    yield DONE
+        yield shaper.error_event(GatewayError.internal(f"internal error: {type(exc).__name__}"))
+    if done := shaper.done():
+        yield done

@@ -42,6 +42,20 @@ class TokenizerConfig:
     # At start, wait this long at most for a worker's heartbeat (its block size) before answering
     # encode requests: hashes in another block size would be wasted on the router.
     contract_wait_s: float = 2.0
+    # --chat-template (vLLM's flag): a Jinja template file, or the template itself, that replaces the
+    # model's own (tokenizer_config.json's) for every chat request; None: the model's
+    chat_template: str | None = None
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`'s value -> the template: a file's text, or the value itself when it is a
+    template (holds `{{` or `{%`) rather than a path."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template: no such file: {value}")
 
 
 class TokenizerService:
@@ -52,6 +66,9 @@ class TokenizerService:
 
         self.config = config
         self.hf = AutoTokenizer.from_pretrained(model_path)
+        if config.chat_template is not None:
+            self.hf.chat_template = load_chat_template(config.chat_template)
+            log.info("chat template from --chat-template, not the model's")
         self.fast = backend_tokenizer(self.hf)
         self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
         self._adopted = asyncio.Event()
