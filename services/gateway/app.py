@@ -27,6 +27,7 @@ from kvmesh.services.gateway.admission import InflightLimit
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.flow import FlowConfig, FlowController
+from kvmesh.services.gateway.flow_gate import FlowGate
 from kvmesh.services.gateway.flow_metrics import FLOWS
 from kvmesh.services.gateway.generation import Generator
 from kvmesh.services.gateway.openai_protocol import (
@@ -151,6 +152,7 @@ def create_app(
     app.state.generator = generator
     app.state.readiness = readiness = Readiness(bus, flow, generator.watch_workers)
     # Pure ASGI, the last added runs first: authentication, then the body-size limit.
+    app.add_middleware(FlowGate, flow=flow, paths=GENERATION_PATHS)  # a full queue: 429 before the body
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
     telemetry = GatewayTelemetry(served.name)
@@ -288,6 +290,7 @@ def create_app(
     return app
 
 
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 TENANT_HEADER = "x-tenant-id"  # flow control's fairness key when the body has no `user`
 PRIORITY_HEADER = "x-request-priority"  # its band when the body has no `priority` (lower goes first)
 CACHE_SALT_HEADER = "x-cache-salt"  # the prefix-cache namespace when the body has no `cache_salt`

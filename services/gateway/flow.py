@@ -187,15 +187,24 @@ class FlowController:
         raise the 429 it will get anyway: the requests already waiting or still on their way there
         fill the queue beyond the room the workers have. A burst's excess is refused at once, before
         any work is spent on it. `Arrival.done()` when it reaches the queue (or fails before)."""
-        cap = self.capacity()
-        if cap is not None:
-            room = max(0, cap - self.inflight)
-            if self.waiting + self.arriving >= self.config.max_queue + room:
-                self.counts["rejected_full"] += 1
-                self._changed()
-                raise self._full()
+        if (error := self.refusal()) is not None:
+            raise error
         self.arriving += 1
         return Arrival(self)
+
+    def refusal(self) -> GatewayError | None:
+        """The 429 a request arriving now would get anyway (the queue is full beyond the workers'
+        room), counted as a rejection; None: it may come in. Needs nothing from the request, so the
+        gateway asks before reading its body (flow_gate.py)."""
+        cap = self.capacity()
+        if cap is None:
+            return None
+        room = max(0, cap - self.inflight)
+        if self.waiting + self.arriving < self.config.max_queue + room:
+            return None
+        self.counts["rejected_full"] += 1
+        self._changed()
+        return self._full()
 
     def _full(self) -> GatewayError:
         return GatewayError.overloaded(

@@ -66,5 +66,8 @@ def chunk(out: RequestOutput) -> TokenChunk:
 
 
 def rank_of(req: GenerateRequest) -> tuple[int, int]:
-    """The engine scheduler's order for a request: its band, then its tenant's load at dispatch."""
-    return (req.priority, req.tenant_inflight)
+    """The engine scheduler's order for a request: its band, then its tenant's load class at dispatch
+    (log2 of the tenant's requests in flight, rounded up: 0, 1, 2-3, 4-7, ...). A newcomer (class 0)
+    goes ahead of a burst (class 6 for 32-63 in flight), while one tenant's own requests, whose counts
+    differ by a few, share a class and keep their arrival order."""
+    return (req.priority, req.tenant_inflight.bit_length())

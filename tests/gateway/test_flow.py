@@ -212,3 +212,46 @@ def test_a_slot_carries_its_tenants_load_for_the_workers_scheduler():
     assert b is not None and b.tenant_inflight == 0
     a[0].release()
     assert flow.try_admit(tenant="A").tenant_inflight == 2
+
+
+def test_the_workers_rank_a_tenants_load_by_class_so_its_own_requests_keep_their_order():
+    from kvmesh.schemas.messages import GenerateRequest, SamplingOptions
+    from kvmesh.services.worker.wire import rank_of
+
+    def rank(priority: int, inflight: int) -> tuple[int, int]:
+        req = GenerateRequest(
+            request_id="r", token_ids=[1], sampling=SamplingOptions(max_tokens=1), stream_subject="s",
+            priority=priority, tenant_inflight=inflight,
+        )  # fmt: skip
+        return rank_of(req)
+
+    assert rank(0, 0) < rank(0, 1) < rank(0, 2) < rank(0, 4) < rank(0, 59)  # a newcomer first
+    assert rank(0, 58) == rank(0, 59) == rank(0, 33)  # one burst's requests: one class, FCFS
+    assert rank(-1, 60) < rank(0, 0)  # the band first
+
+
+async def test_a_full_queue_refuses_a_generation_request_before_reading_its_body():
+    """The gate answers 429 from the request's head alone (flow_gate.py); other routes pass."""
+    from kvmesh.services.gateway.flow_gate import FlowGate
+
+    flow = flow_with_room(1, max_queue=0)
+    assert flow.try_admit() is not None  # the one slot is taken, and nobody may wait
+    passed: list[str] = []
+
+    async def inner(scope, receive, send) -> None:
+        passed.append(scope["path"])
+
+    async def unread() -> dict:
+        raise AssertionError("the body was read")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    gate = FlowGate(inner, flow, frozenset({"/v1/chat/completions"}))
+    await gate({"type": "http", "method": "POST", "path": "/v1/chat/completions"}, unread, send)
+    assert sent[0]["status"] == 429 and dict(sent[0]["headers"])[b"retry-after"]
+    assert b'"code": "overloaded"' in sent[1]["body"] and flow.counts["rejected_full"] == 1
+    await gate({"type": "http", "method": "GET", "path": "/v1/models"}, unread, send)
+    assert passed == ["/v1/models"]

@@ -51,7 +51,7 @@ from kvmesh.services.gateway.openapi import (
 API_KEY = "sk-fuzz-5b1e0c7a9d"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 TIMEOUT_S = 60  # per call: a hang fails the test
-EXAMPLES = 60  # per operation (hypothesis stops sooner for one without inputs, e.g. GET /v1/models)
+EXAMPLES = 80  # per operation (hypothesis stops sooner for one without inputs, e.g. GET /v1/models)
 DEADLINE_S = 180  # per operation, a hard bound (pytest-timeout)
 MAX_TOKENS = 4  # the gateway's cap: a stream is at most 8 events, under schemathesis' 20 per stream
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -61,7 +61,7 @@ GENERATION_ROUTES: dict[str, tuple[type[BaseModel], TypeAdapter]] = {
     "POST /v1/completions": (Completion, TypeAdapter(CompletionChunk | ErrorResponse)),
 }
 REQUESTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
-MIN_OK = 5  # 200 answers of each kind (whole, streamed) that each generation route must have had
+MIN_OK = 3  # 200 answers of each kind (whole, streamed) that each generation route must have had
 SENT: collections.Counter[str] = collections.Counter()  # requests sent, by operation
 ANSWERED: collections.Counter[tuple[str, int]] = collections.Counter()  # generation routes: (route, status)
 OK: collections.Counter[tuple[str, str]] = collections.Counter()  # checked 200 answers: (route, kind)
