@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from tokenizers import Tokenizer
 
 from kvmesh.libs.launcher import free_port, start_nats_server
+from kvmesh.services.gateway.app import create_app
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 
 
@@ -32,3 +34,21 @@ def gateway_nats_url():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class NoBus:
+    """Stands in for the bus: what `client` is asked must be answered (or refused) without it."""
+
+    class nc:
+        is_connected = False
+
+    async def request(self, *args, **kwargs):
+        raise AssertionError("the bus must not be used")
+
+
+@pytest.fixture
+async def client(tokenizer, served_model: ServedModel):
+    """The gateway app in process, over ASGI, with no bus behind it."""
+    app = create_app(GatewayConfig(model=str(served_model.path)), NoBus(), tokenizer, served_model)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as c:
+        yield c

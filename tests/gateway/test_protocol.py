@@ -8,7 +8,6 @@ import pytest
 from pydantic import ValidationError
 
 from kvmesh.schemas.messages import ChatMessage
-from kvmesh.services.gateway.app import create_app
 from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -104,24 +103,6 @@ def test_chat_semantic_errors():
     for bad in ({"n": 2}, {"top_p": 0}, {"temperature": 2.5}, {"logprobs": True, "top_logprobs": 21}):
         with pytest.raises(ValidationError):
             chat(**bad)
-
-
-class NoBus:
-    """Stands in for the bus: these requests must fail before any message is sent."""
-
-    class nc:
-        is_connected = False
-
-    async def request(self, *args, **kwargs):
-        raise AssertionError("validation must fail before the bus is used")
-
-
-@pytest.fixture
-async def client(tokenizer, served_model: ServedModel):
-    app = create_app(GatewayConfig(model=str(served_model.path)), NoBus(), tokenizer, served_model)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
-        yield c
 
 
 def assert_openai_error(r: httpx.Response, status: int, param: str | None) -> dict:

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from importlib import metadata
 
-import httpx
 import pytest
 from pydantic import ValidationError
 
 import kvmesh
-from kvmesh.services.gateway.app import create_app
-from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from kvmesh.services.gateway.request_fields import ANY_VALUE, NOT_HONOURED
@@ -91,24 +88,6 @@ def test_an_unknown_field_is_refused_unless_null():
     # a bool is not its no-op 1, nor an int a bool's no-op
     assert refusal(CompletionRequest, {"prompt": "x", "best_of": True}).param == "best_of"
     assert refusal(ChatCompletionRequest, {"messages": HI, "store": 0}).param == "store"
-
-
-class NoBus:
-    """Stands in for the bus: these requests must be answered without it."""
-
-    class nc:
-        is_connected = False
-
-    async def request(self, *args, **kwargs):
-        raise AssertionError("the bus must not be used")
-
-
-@pytest.fixture
-async def client(tokenizer, served_model: ServedModel):
-    app = create_app(GatewayConfig(model=str(served_model.path)), NoBus(), tokenizer, served_model)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
-        yield c
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,10 @@ event, parsed as the client parses them)."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from kvmesh.services.gateway.app import create_app
-from kvmesh.services.gateway.config import GatewayConfig, ServedModel
 from kvmesh.services.gateway.errors import GatewayError
 from kvmesh.services.gateway.params import Usage
 from kvmesh.services.gateway.responses_api import ResponsesRequest, ResponsesShaper
@@ -129,23 +126,6 @@ def test_input_and_instructions_become_chat_messages():
     prompt, params = ResponsesRequest(input="Hi").prompt_and_params()
     assert [(m.role, m.content) for m in prompt.messages] == [("user", "Hi")]
     assert (params.max_tokens, params.temperature, params.top_p) == (None, 1.0, 1.0)
-
-
-class NoBus:
-    """Stands in for the bus: these requests must be refused before reaching it."""
-
-    class nc:
-        is_connected = False
-
-    async def request(self, *args, **kwargs):
-        raise AssertionError("the bus must not be used")
-
-
-@pytest.fixture
-async def client(tokenizer, served_model: ServedModel):
-    app = create_app(GatewayConfig(model=str(served_model.path)), NoBus(), tokenizer, served_model)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as c:
-        yield c
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 
 from kvmesh.libs.launcher import Mesh, MeshConfig
@@ -40,3 +41,14 @@ def worker_stats(mesh):
     """worker_stats(worker_id) -> WorkerStats, asked over NATS (runs its own event loop: call it from
     sync tests or through asyncio.to_thread)."""
     return lambda worker_id: asyncio.run(_worker_stats(mesh, worker_id))
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    """The official OpenAI client on the mesh's gateway."""
+    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

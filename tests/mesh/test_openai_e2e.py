@@ -28,16 +28,6 @@ def expected(hf_greedy):
     return {"chat": chat, "completion": plain}
 
 
-@pytest.fixture(scope="module")
-def client(mesh):
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_sync_chat_and_completions_equal_transformers(client, model, expected):
     for q, want in zip(QUESTIONS, expected["chat"], strict=True):
         r = client.chat.completions.create(

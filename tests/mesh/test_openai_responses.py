@@ -20,16 +20,6 @@ QUESTION = "What is the capital of France?"  # test_openai_e2e's: the oracle's a
 MAX_TOKENS = 20
 
 
-@pytest.fixture(scope="module")
-def client(mesh):
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def _check_status(response, output_tokens: int) -> None:
     if response.status == "incomplete":
         assert response.incomplete_details.reason == "max_output_tokens"

@@ -13,16 +13,6 @@ PROMPT = "I like cats. I like cats. I like"  # plain greedy repeats itself here
 MAX_TOKENS = 10
 
 
-@pytest.fixture(scope="module")
-def client(mesh):
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_logit_bias_of_100_makes_greedy_output_that_token(client, model, hf_greedy):
     paris = hf_greedy.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     r = client.completions.create(
