@@ -78,19 +78,14 @@ class GuidedFields(BaseModel):
                     "response_format.json_schema.schema is required", "response_format"
                 )
             out.append(schema_spec(rf.json_schema.schema_, "response_format"))
-        if self.guided_json is not None:
-            out.append(schema_spec(self.guided_json, "guided_json"))
-        if self.guided_regex is not None:
-            out.append(GuidedSpec(kind="regex", value=self.guided_regex, field="guided_regex"))
-        if self.guided_choice is not None:
-            out.append(choice_spec(self.guided_choice, "guided_choice"))
-        if self.guided_grammar is not None:
-            out.append(GuidedSpec(kind="grammar", value=self.guided_grammar, field="guided_grammar"))
+        extras = (("json", self.guided_json), ("regex", self.guided_regex))
+        extras += (("choice", self.guided_choice), ("grammar", self.guided_grammar))
+        out += [_spec(kind, value, f"guided_{kind}") for kind, value in extras if value is not None]
         so = self.structured_outputs
         if so is not None:
             given = [
-                name
-                for name, value in (
+                (kind, value)
+                for kind, value in (
                     ("json", so.json_),
                     ("regex", so.regex),
                     ("choice", so.choice),
@@ -101,19 +96,11 @@ class GuidedFields(BaseModel):
             ]
             if len(given) > 1:
                 message = (
-                    f"structured_outputs: give one of json, regex, choice, grammar, json_object: {given}"
+                    "structured_outputs: give one of json, regex, choice, grammar, json_object: "
+                    f"{[kind for kind, _ in given]}"
                 )
                 raise GatewayError.invalid(message, "structured_outputs")
-            if so.json_ is not None:
-                out.append(schema_spec(so.json_, "structured_outputs"))
-            elif so.regex is not None:
-                out.append(GuidedSpec(kind="regex", value=so.regex, field="structured_outputs"))
-            elif so.choice is not None:
-                out.append(choice_spec(so.choice, "structured_outputs"))
-            elif so.grammar is not None:
-                out.append(GuidedSpec(kind="grammar", value=so.grammar, field="structured_outputs"))
-            elif so.json_object:
-                out.append(GuidedSpec(kind="json_object", field="structured_outputs"))
+            out += [_spec(kind, value, "structured_outputs") for kind, value in given]
         return out
 
 
@@ -134,3 +121,15 @@ def choice_spec(choices: list[str], field: str) -> GuidedSpec:
     if not choices:
         raise GatewayError.invalid(f"{field} must list at least one choice", field)
     return GuidedSpec(kind="choice", value=json.dumps(choices), field=field)
+
+
+def _spec(kind: str, value: Any, field: str) -> GuidedSpec:
+    """vLLM's guided extras and structured_outputs name the same kinds: json (a schema), regex,
+    choice (a list), grammar (EBNF), json_object (any object)."""
+    if kind == "json":
+        return schema_spec(value, field)
+    if kind == "choice":
+        return choice_spec(value, field)
+    if kind == "json_object":
+        return GuidedSpec(kind="json_object", field=field)
+    return GuidedSpec(kind=kind, value=value, field=field)
